@@ -1,5 +1,7 @@
+import pathlib
 import zlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -8,3 +10,10 @@ import pytest
 def rng(request):
     """A NumPy generator seeded from the test's own name: fresh inputs per test, reproducible per test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_configure(config):
+    # Compiles dominate the suite on a CPU; a persistent cache makes reruns in the same checkout cheap.
+    cache_dir = pathlib.Path(__file__).resolve().parent.parent / ".venv" / "jax_cache"
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
