@@ -1,0 +1,55 @@
+"""Builds a COCO-format dataset into TFDS records, once; training and evaluation then read the records.
+
+COCO 2017 (the layout as downloaded):
+
+    python -m maskrcnn_jax.data.build --name=coco2017 --data_dir=$HOME/tensorflow_datasets \\
+        --train_json=coco/annotations/instances_train2017.json --train_images=coco/train2017 \\
+        --val_json=coco/annotations/instances_val2017.json --val_images=coco/val2017
+
+Your own dataset: the same command with your JSON files and image folders (either split may be left out).
+`--shapes_dir=DIR` first writes the built-in synthetic shapes dataset into DIR and builds that instead.
+The build prints a summary of what it wrote and what it skipped and why.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("name", None, "Dataset name (the TFDS config name), e.g. coco2017.", required=True)
+flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.", required=True)
+flags.DEFINE_string("train_json", None, "COCO-format annotation JSON of the training split.")
+flags.DEFINE_string("train_images", None, "Folder that train_json's file_names are relative to.")
+flags.DEFINE_string("val_json", None, "COCO-format annotation JSON of the validation split.")
+flags.DEFINE_string("val_images", None, "Folder that val_json's file_names are relative to.")
+flags.DEFINE_string("shapes_dir", None, "Write the synthetic shapes dataset here and build it.")
+flags.DEFINE_integer("shapes_num_train", 2000, "Synthetic training images (with --shapes_dir).")
+flags.DEFINE_integer("shapes_num_val", 200, "Synthetic validation images (with --shapes_dir).")
+flags.DEFINE_integer("shapes_seed", 0, "Seed of the synthetic dataset (with --shapes_dir).")
+
+
+def main(argv):
+    del argv
+    # Imported here so `--help` stays fast and TensorFlow starts only when there is work.
+    from maskrcnn_jax.data import builder as builder_lib
+    from maskrcnn_jax.data import synthetic
+    config = {"name": FLAGS.name, "data_dir": FLAGS.data_dir, "train_json": FLAGS.train_json,
+              "train_images": FLAGS.train_images, "val_json": FLAGS.val_json, "val_images": FLAGS.val_images}
+    if FLAGS.shapes_dir:
+        config.update(synthetic.generate(FLAGS.shapes_dir, FLAGS.shapes_num_train, FLAGS.shapes_num_val,
+                                         FLAGS.shapes_seed))
+    builder = builder_lib.get_builder(config)
+    if builder.is_prepared():
+        print(f"{builder.data_dir} is already built; delete it or pick a new --name to rebuild.")
+    else:
+        builder.download_and_prepare()
+    print(builder_lib.format_summary(builder_lib.build_summary(builder)))
+    categories = builder_lib.load_category_map(builder)
+    print(f"{categories.num_classes} categories: " + ", ".join(
+        f"{categories.category_id(label)}->{label} {categories.name(label)}"
+        for label in range(1, categories.num_classes + 1)))
+    print(f"data: {builder.data_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,322 @@
+"""Reading COCO-format instance annotations: validation, the category map, images and instance masks.
+
+Everything here is plain Python/NumPy/PIL/pycocotools and runs at dataset build time. The TFDS builder
+(`builder.py`) calls it once per image; nothing here touches TensorFlow.
+
+Coordinates are continuous pixels of the upright image: pixel `k` covers `[k, k+1)`. COCO's `bbox` is
+`[x, y, w, h]`; it becomes `(x1, y1, x2, y2) = (x, y, x + w, y + h)` here and never goes back.
+Annotations are taken to describe the image as displayed, i.e. after its EXIF orientation is applied
+(detectron2's convention), so images are rotated upright here and their size checked against the JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import io
+import json
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class CocoFormatError(ValueError):
+    """The annotation file is not a valid COCO instances file, or contradicts itself."""
+
+
+class ImageSkipped(Exception):
+    """An image that is left out of the dataset; `reason` is a short key used for counting."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------------------
+# Categories.
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryMap:
+    """Dataset category ids <-> contiguous labels 1..K (0 is background) <-> names.
+
+    Labels follow ascending category id, so COCO's ids 1..90 with gaps become 1..80 in the usual order.
+    """
+
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.category_ids) != len(self.names):
+            raise ValueError("category_ids and names differ in length")
+        if list(self.category_ids) != sorted(set(self.category_ids)):
+            raise ValueError(f"category ids must be unique and ascending, got {self.category_ids}")
+
+    @classmethod
+    def from_coco_categories(cls, categories: Iterable[Mapping[str, Any]]) -> "CategoryMap":
+        ordered = sorted(categories, key=lambda c: c["id"])
+        return cls(tuple(int(c["id"]) for c in ordered), tuple(str(c["name"]) for c in ordered))
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of foreground classes (the model has K + 1 outputs with background)."""
+        return len(self.category_ids)
+
+    def label(self, category_id: int) -> int:
+        """Contiguous label in 1..K of a dataset category id; KeyError for an unknown id."""
+        return self._label_of_id[int(category_id)]
+
+    def category_id(self, label: int) -> int:
+        """Dataset category id of a contiguous label in 1..K."""
+        if not 1 <= label <= self.num_classes:
+            raise KeyError(f"label {label} is outside 1..{self.num_classes}")
+        return self.category_ids[label - 1]
+
+    def name(self, label: int) -> str:
+        return "background" if label == 0 else self.names[label - 1]
+
+    def label_to_category_id_array(self) -> np.ndarray:
+        """int64 [K + 1] lookup table, entry 0 (background) is -1: `table[labels]` maps model output to ids."""
+        return np.asarray((-1,) + self.category_ids, np.int64)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"label": i + 1, "category_id": c, "name": n}
+                for i, (c, n) in enumerate(zip(self.category_ids, self.names))]
+
+    @classmethod
+    def from_json(cls, entries: Sequence[Mapping[str, Any]]) -> "CategoryMap":
+        ordered = sorted(entries, key=lambda e: e["label"])
+        if [e["label"] for e in ordered] != list(range(1, len(ordered) + 1)):
+            raise ValueError("stored category map does not have labels 1..K")
+        return cls(tuple(int(e["category_id"]) for e in ordered), tuple(str(e["name"]) for e in ordered))
+
+    @functools.cached_property
+    def _label_of_id(self) -> dict[int, int]:
+        return {c: i + 1 for i, c in enumerate(self.category_ids)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The annotation file.
+
+
+@dataclasses.dataclass
+class CocoIndex:
+    """A validated annotation file: images in file order, annotations grouped by image, and categories."""
+
+    path: str
+    images: list[dict[str, Any]]
+    annotations_by_image: dict[int, list[dict[str, Any]]]
+    categories: CategoryMap
+
+
+def _require(condition: bool, path: str, message: str) -> None:
+    if not condition:
+        raise CocoFormatError(f"{path} is not a valid COCO instances file: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_coco_annotations(path: str | os.PathLike) -> CocoIndex:
+    """Reads and validates a COCO instances JSON. Raises CocoFormatError with the reason when it is not one.
+
+    Checks: the top-level keys and their types, unique image and category ids, every annotation names an
+    existing image and a category from the category list (the error names the annotation and the id).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CocoFormatError(f"{path} is not valid JSON: {e}") from e
+    _require(isinstance(data, dict), path, "the top level is not an object")
+    for key in ("images", "annotations", "categories"):
+        _require(key in data, path, f"missing key '{key}'")
+        _require(isinstance(data[key], list), path, f"'{key}' is not a list")
+    _require(len(data["categories"]) > 0, path, "the category list is empty")
+
+    for category in data["categories"]:
+        _require(isinstance(category, dict) and _is_int(category.get("id")) and "name" in category, path,
+                 f"category {category!r} needs an integer 'id' and a 'name'")
+    category_ids = [c["id"] for c in data["categories"]]
+    duplicates = [i for i, n in collections.Counter(category_ids).items() if n > 1]
+    _require(not duplicates, path, f"duplicate category ids {duplicates}")
+    categories = CategoryMap.from_coco_categories(data["categories"])
+    known_categories = set(category_ids)
+
+    images = []
+    seen_ids = set()
+    for image in data["images"]:
+        _require(isinstance(image, dict) and _is_int(image.get("id")) and isinstance(image.get("file_name"), str),
+                 path, f"image {image!r} needs an integer 'id' and a string 'file_name'")
+        _require(image["id"] not in seen_ids, path, f"duplicate image id {image['id']}")
+        for key in ("height", "width"):
+            if key in image:
+                _require(_is_int(image[key]) and image[key] > 0, path,
+                         f"image {image['id']} has {key}={image[key]!r}, not a positive integer")
+        seen_ids.add(image["id"])
+        images.append(image)
+
+    by_image: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+    for index, annotation in enumerate(data["annotations"]):
+        _require(isinstance(annotation, dict), path, f"annotation #{index} is not an object")
+        name = f"annotation {annotation.get('id', f'#{index}')}"
+        _require(_is_int(annotation.get("image_id")), path, f"{name} has no integer 'image_id'")
+        _require(annotation["image_id"] in seen_ids, path,
+                 f"{name} refers to image id {annotation['image_id']}, which is not in 'images'")
+        category_id = annotation.get("category_id")
+        if category_id not in known_categories:
+            raise CocoFormatError(
+                f"{path}: {name} (image {annotation['image_id']}) has category_id {category_id!r}, which is "
+                f"missing from the category list (ids {sorted(known_categories)})")
+        by_image[annotation["image_id"]].append(annotation)
+    return CocoIndex(path, images, dict(by_image), categories)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images.
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedImage:
+    encoded: bytes  # JPEG or PNG of an upright 8-bit RGB image
+    height: int
+    width: int
+    reencoded: bool  # False when the file's own bytes are kept
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16-bit keeps its high byte (as tf.image.convert_image_dtype does), alpha is
+    dropped, palettes and grayscale are expanded."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image).astype(np.int64)
+        # Mode "I" also holds 8-bit data decoded as 32-bit; only values past 255 mean a 16-bit image.
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values >> 8
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_image(path: str) -> LoadedImage:
+    """Reads an image fully (so a truncated file fails here, not in training) and returns upright RGB bytes.
+
+    An 8-bit RGB JPEG or PNG without EXIF rotation keeps its own bytes; anything else (grayscale, RGBA,
+    palette, 16-bit, CMYK, EXIF-rotated, other formats) is converted to 8-bit RGB, rotated upright and
+    re-encoded as lossless PNG. Raises ImageSkipped('missing_image' | 'unreadable_image') otherwise.
+    """
+    if not os.path.isfile(path):
+        raise ImageSkipped("missing_image", f"no file {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+            if image.format in ("JPEG", "PNG") and image.mode == "RGB" and orientation == 1:
+                with open(path, "rb") as f:
+                    return LoadedImage(f.read(), image.height, image.width, reencoded=False)
+            upright = _to_rgb8(ImageOps.exif_transpose(image))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        # Pillow raises OSError for truncated data, UnidentifiedImageError for garbage, and
+        # SyntaxError/ValueError from some format parsers on corrupt headers.
+        raise ImageSkipped("unreadable_image", f"{path}: {e}") from e
+    buffer = io.BytesIO()
+    upright.save(buffer, format="PNG", compress_level=3)
+    return LoadedImage(buffer.getvalue(), upright.height, upright.width, reencoded=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Instances.
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    box: np.ndarray  # float32 [4], xyxy in pixels of the upright image, inside the image
+    label: int  # contiguous 1..K
+    category_id: int
+    is_crowd: bool
+    area: float  # the annotation's 'area' (COCO eval uses it for small/medium/large), else the mask's
+    mask: np.ndarray  # uint8 [H, W] in {0, 1}
+
+
+class InstanceSkipped(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Polygons (list of flat [x, y, ...] lists), uncompressed RLE or compressed RLE -> uint8 [H, W] mask.
+
+    Polygons with fewer than three points are dropped. Raises InstanceSkipped for what cannot be decoded.
+    """
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation
+                    if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            raise InstanceSkipped("invalid_segmentation", "no polygon with at least 3 points")
+        rles = mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if [int(s) for s in segmentation["size"]] != [height, width]:
+            raise InstanceSkipped("invalid_segmentation",
+                                  f"RLE size {segmentation['size']} differs from the image's {[height, width]}")
+        if isinstance(segmentation["counts"], list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            counts = segmentation["counts"]
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        raise InstanceSkipped("invalid_segmentation", "segmentation is neither polygons nor RLE")
+    return np.asarray(mask_utils.decode(rle), np.uint8)
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.asarray([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
+
+
+def parse_instance(annotation: Mapping[str, Any], categories: CategoryMap, height: int, width: int) -> Instance:
+    """One COCO annotation -> Instance, or InstanceSkipped with one of the reasons
+    'missing_segmentation', 'invalid_segmentation', 'zero_area_mask', 'degenerate_box'."""
+    segmentation = annotation.get("segmentation")
+    if not segmentation:
+        raise InstanceSkipped("missing_segmentation", "the annotation has no segmentation")
+    mask = decode_segmentation(segmentation, height, width)
+    mask_area = int(mask.sum())
+    if mask_area == 0:
+        raise InstanceSkipped("zero_area_mask", "the segmentation covers no pixel")
+    bbox = annotation.get("bbox")
+    if bbox is not None and len(bbox) == 4:
+        x, y, w, h = (float(v) for v in bbox)
+        box = np.asarray([x, y, x + w, y + h], np.float32)
+    else:
+        box = _mask_box(mask)
+    box = np.clip(box, 0.0, np.asarray([width, height, width, height], np.float32))
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise InstanceSkipped("degenerate_box", f"box {bbox} has no area inside the {width}x{height} image")
+    area = float(annotation["area"]) if annotation.get("area") else float(mask_area)
+    category_id = int(annotation["category_id"])
+    return Instance(box=box, label=categories.label(category_id), category_id=category_id,
+                    is_crowd=bool(annotation.get("iscrowd", 0)), area=area, mask=mask)
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """uint8 {0, 1} [H, W] mask -> single-channel PNG bytes (values stay 0/1)."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask, "L").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
