@@ -204,7 +204,8 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     if image_skip is not None:
                         reason, detail = image_skip
                         skipped_images[reason] += 1
-                        logging.warning("skipped image %s (id %s): %s", entry["file_name"], entry["id"], detail)
+                        logging.warning("skipped image %s (id %s): %s: %s", entry["file_name"], entry["id"], reason,
+                                        detail)
                         continue
                     for name, reason, detail in annotation_skips:
                         skipped_annotations[reason] += 1
