@@ -104,7 +104,8 @@ def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Ten
 def transform_boxes(boxes: tf.Tensor, scale_yx: tf.Tensor, offset_yx: tf.Tensor, content_size: tf.Tensor,
                     flip: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Original xyxy boxes [n, 4] -> (canvas xyxy boxes [n, 4], valid [n]) by steps 1-3 of the module doc."""
-    sy, sx = scale_yx[0], scale_yx[1]
+    boxes = tf.cast(boxes, tf.float32)
+    sy, sx = tf.cast(scale_yx[0], tf.float32), tf.cast(scale_yx[1], tf.float32)
     oy, ox = tf.cast(offset_yx[0], tf.float32), tf.cast(offset_yx[1], tf.float32)
     ch, cw = tf.cast(content_size[0], tf.float32), tf.cast(content_size[1], tf.float32)
     x1 = tf.clip_by_value(boxes[:, 0] * sx - ox, 0.0, cw)
@@ -133,6 +134,7 @@ def crop_masks_to_boxes(masks: tf.Tensor, boxes: tf.Tensor, mask_size: int) -> t
         u_{M-1} = x2 - 0.5 w / M + 0.5        ->  x2_n = (x2 - 0.5 w / M + 0.5) / (W + 1)
     (for M = 1 crop_and_resize samples the centre (x1_n + x2_n) / 2, which is the same point).
     """
+    boxes = tf.cast(boxes, tf.float32)
     height = tf.cast(tf.shape(masks)[1], tf.float32)
     width = tf.cast(tf.shape(masks)[2], tf.float32)
     boxes = tf.clip_by_value(boxes, 0.0, tf.stack([width, height, width, height]))
