@@ -20,6 +20,21 @@ def abstract_variables(model, image_shape=(1, 64, 64, 3)):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image_shape)))
 
 
+@pytest.fixture(scope="module")
+def resnet18_variables():
+    """Initial ResNet-18 variables per norm, one init each for the whole module: the random initialisers
+    dominate compile time on a CPU, and the variables do not depend on freeze_at, dtype or image size."""
+    cache = {}
+
+    def get(norm):
+        if norm not in cache:
+            init = ResNet(depth=18, norm=norm).init
+            cache[norm] = init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        return cache[norm]
+
+    return get
+
+
 def torchvision_resnet_variables(state_dict, norm):
     """Flax variables for a torchvision ResNet state dict (fc dropped): the mapping documented in resnet.py."""
     variables = {"params": {}, "batch_stats": {}}
@@ -152,11 +167,11 @@ def test_resnet18_matches_torchvision(rng, norm, train):
         assert all(jax.tree_util.tree_leaves(changed)) == train
 
 
-def test_bn_running_stats_drive_eval(rng):
+def test_bn_running_stats_drive_eval(rng, resnet18_variables):
     """In eval an image's features do not depend on its batch companions; in training they do."""
     model = ResNet(depth=18, norm="bn")
     images = jnp.asarray(rng.standard_normal((2, 32, 32, 3), dtype=np.float32))
-    variables = model.init(jax.random.key(0), images)
+    variables = resnet18_variables("bn")
     _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
     variables = {"params": variables["params"], **updates}
 
@@ -170,10 +185,10 @@ def test_bn_running_stats_drive_eval(rng):
 
 
 @pytest.mark.parametrize("freeze_at", [0, 1, 3, 5])
-def test_freeze_at_zeroes_gradients_of_frozen_stages(rng, freeze_at):
+def test_freeze_at_zeroes_gradients_of_frozen_stages(rng, resnet18_variables, freeze_at):
     model = ResNet(depth=18, freeze_at=freeze_at)
     images = jnp.asarray(rng.standard_normal((1, 32, 32, 3), dtype=np.float32))
-    variables = model.init(jax.random.key(0), images)
+    variables = resnet18_variables("frozen_bn")
     output_weights = {name: jnp.asarray(rng.standard_normal(shape.shape, dtype=np.float32))
                       for name, shape in model.apply(variables, images).items()}
 
@@ -193,10 +208,10 @@ def test_freeze_at_zeroes_gradients_of_frozen_stages(rng, freeze_at):
         assert bool(jnp.all(grad == 0)) == is_frozen, path
 
 
-def test_freeze_at_keeps_bn_statistics_of_frozen_stages(rng):
+def test_freeze_at_keeps_bn_statistics_of_frozen_stages(rng, resnet18_variables):
     model = ResNet(depth=18, norm="bn", freeze_at=2)
     images = jnp.asarray(rng.standard_normal((2, 32, 32, 3), dtype=np.float32))
-    variables = model.init(jax.random.key(0), images)
+    variables = resnet18_variables("bn")
     _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
     for name, before in variables["batch_stats"].items():
         unchanged = jax.tree_util.tree_leaves(
@@ -237,9 +252,9 @@ def test_stride_in_1x1_moves_the_stride(rng):
 
 
 @pytest.mark.parametrize("norm", ["frozen_bn", "bn", "gn"])
-def test_bfloat16_compute_keeps_float32_variables(rng, norm):
+def test_bfloat16_compute_keeps_float32_variables(rng, resnet18_variables, norm):
     images = jnp.asarray(rng.standard_normal((2, 32, 32, 3), dtype=np.float32))
-    variables = ResNet(depth=18, norm=norm).init(jax.random.key(0), images)
+    variables = resnet18_variables(norm)
     half_model = ResNet(depth=18, norm=norm, dtype=jnp.bfloat16)
     full = ResNet(depth=18, norm=norm).apply(variables, images)
     half = half_model.apply(variables, images)
@@ -253,10 +268,10 @@ def test_bfloat16_compute_keeps_float32_variables(rng, norm):
 
 
 def test_rejects_unknown_depth_and_norm():
-    images = jnp.zeros((1, 32, 32, 3))
-    with pytest.raises(ValueError, match="depth"):
-        ResNet(depth=20).init(jax.random.key(0), images)
-    with pytest.raises(ValueError, match="norm"):
-        ResNet(depth=18, norm="layer_norm").init(jax.random.key(0), images)
-    with pytest.raises(ValueError, match="freeze_at"):
-        ResNet(depth=18, freeze_at=6).init(jax.random.key(0), images)
+    for model, message in [
+        (ResNet(depth=20), "depth"),
+        (ResNet(depth=18, norm="layer_norm"), "norm"),
+        (ResNet(depth=18, freeze_at=6), "freeze_at"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            abstract_variables(model)
