@@ -6,6 +6,7 @@ Variable names and their torchvision / detectron2 counterparts (conv kernels tra
   body/...                 backbone.body.*  (see resnet.py)    backbone.bottom_up.*
   fpn/lateral{l}/kernel    backbone.fpn.inner_blocks.{l-2}.0   backbone.fpn_lateral{l}
   fpn/output{l}/kernel     backbone.fpn.layer_blocks.{l-2}.0   backbone.fpn_output{l}
+  fpn/lateral{l}_norm/*    (none)                              backbone.fpn_lateral{l}.norm   (norm="gn" only)
 
 P6 has no variables: it subsamples P5 (torchvision's LastLevelMaxPool, a kernel-1 stride-2 max-pool).
 """

@@ -62,8 +62,9 @@ def frozen_names(freeze_at: int) -> tuple[str, ...]:
 def frozen_param_mask(resnet_params, freeze_at: int):
     """A pytree of bools shaped like ``resnet_params`` (the ResNet's own ``params`` subtree): True where frozen.
 
-    Use it to keep an optimizer from updating frozen stages (e.g. ``optax.masked`` with its negation); the forward
-    pass already stops gradients at the frozen stages' outputs, so their gradients are zero.
+    The forward pass already stops gradients at the frozen stages' outputs, so their gradients are zero; the mask
+    keeps the optimizer from moving them anyway (decoupled weight decay would), e.g. ``optax.masked`` with its
+    negation or ``optax.multi_transform``.
     """
     frozen = set(frozen_names(freeze_at))
     return {
