@@ -7,11 +7,13 @@ import jax.numpy as jnp
 def _random_subset_order(key, eligible, count):
     """Indices of `count` eligible entries in uniformly random order; eligible ones first, then filler.
 
-    Every eligible entry gets an independent random 31-bit priority and ineligible ones get -1, so the top `count`
-    priorities are a uniformly random subset of the eligible entries (ties, 1 in 2**31, break by index).
+    Every eligible entry gets an independent random priority and ineligible ones get -1, so the top `count`
+    priorities are a uniformly random subset of the eligible entries. Priorities are 24-bit integers held exactly
+    in float32, because XLA's float top_k is ~100x faster on a CPU than its integer one (0.4 ms vs 40 ms for 200k
+    anchors). Equal priorities (probability ~P / 2**24 that one straddles the cut) break by index: a negligible bias.
     """
     bits = jax.random.bits(key, eligible.shape, jnp.uint32)
-    priority = jnp.where(eligible, (bits >> 1).astype(jnp.int32), -1)
+    priority = jnp.where(eligible, (bits >> 8).astype(jnp.float32), -1.0)
     _, order = jax.lax.top_k(priority, count)
     return order.astype(jnp.int32)
 
