@@ -12,15 +12,21 @@ import numpy as np
 _MIN_PIECE_AREA = 1e-3  # pieces thinner than this are numerical slivers from clipping
 
 
-def polygon_area(polygon: np.ndarray) -> float:
-    """Unsigned area by the shoelace formula."""
-    x, y = polygon[:, 0], polygon[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
 def _signed_area(polygon: np.ndarray) -> float:
+    """Shoelace formula; positive for counter-clockwise vertices in a y-up frame."""
+    if len(polygon) < 3:
+        return 0.0
     x, y = polygon[:, 0], polygon[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    return 0.5 * float(x[:-1] @ y[1:] - y[:-1] @ x[1:] + x[-1] * y[0] - y[-1] * x[0])
+
+
+def polygon_area(polygon: np.ndarray) -> float:
+    """Unsigned area."""
+    return abs(_signed_area(polygon))
+
+
+def _boxes_overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool((a.min(0) < b.max(0)).all() and (b.min(0) < a.max(0)).all())
 
 
 def clip_to_halfplane(polygon: np.ndarray, normal: np.ndarray, offset: float) -> np.ndarray:
@@ -74,7 +80,12 @@ def subtract_convex(pieces: list[np.ndarray], convex: np.ndarray) -> list[np.nda
     0..k-1) is one output piece; what lies inside every edge is the part that is removed.
     """
     result = []
-    remaining = [p for p in pieces if polygon_area(p) > _MIN_PIECE_AREA]
+    remaining = []
+    for piece in pieces:
+        if polygon_area(piece) <= _MIN_PIECE_AREA:
+            continue
+        # A piece whose bounding box misses the convex polygon's is untouched by it.
+        (remaining if _boxes_overlap(piece, convex) else result).append(piece)
     for normal, offset in _inward_halfplanes(convex):
         next_remaining = []
         for piece in remaining:

@@ -32,12 +32,13 @@ from maskrcnn_jax.data import polygons
 
 CLASS_NAMES = ("circle", "triangle", "square", "star", "cross")
 _SPLIT_NUMBER = {"train": 0, "val": 1}
-_FORMAT_VERSION = 1  # bump when the drawing changes, so `generate` knows an old folder is stale
+_FORMAT_VERSION = 2  # bump when the drawing changes, so `generate` knows an old folder is stale
 
 
 @dataclasses.dataclass(frozen=True)
 class ShapesOptions:
     image_size_range: tuple[int, int] = (256, 320)  # height and width each drawn uniformly from this
+    image_shape: tuple[int, int] | None = None  # a fixed (height, width) instead, e.g. (480, 640) COCO-like
     object_size_range: tuple[float, float] = (20.0, 120.0)  # shape diameter in pixels, log-uniform
     objects_per_image: tuple[int, int] = (1, 6)  # inclusive, for non-empty images
     empty_fraction: float = 0.08
@@ -105,7 +106,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
         phase = rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period + phase)
         image += wave[..., None] * amplitude
-    image += rng.normal(0, rng.uniform(3, 10), size=image.shape)
+    image += rng.uniform(3, 10) * rng.standard_normal(image.shape, dtype=np.float32)
     # Thin distractor lines: edges that belong to no object.
     for _ in range(rng.integers(0, 4)):
         x0, y0, x1, y1 = rng.uniform(0, 1, 4) * [width, height, width, height]
@@ -145,6 +146,8 @@ def draw_image(rng: np.random.Generator, options: ShapesOptions):
     """-> (uint8 image [H, W, 3], list of annotations {class_index, polygons, bbox xywh, area})."""
     height, width = (int(v) for v in rng.integers(options.image_size_range[0], options.image_size_range[1] + 1,
                                                   size=2))
+    if options.image_shape is not None:
+        height, width = options.image_shape
     image, background_colour = _background(rng, height, width)
     frame = np.asarray([[0, 0], [width, 0], [width, height], [0, height]], np.float64)
     count = 0 if rng.uniform() < options.empty_fraction else int(rng.integers(options.objects_per_image[0],
@@ -170,21 +173,19 @@ def draw_image(rng: np.random.Generator, options: ShapesOptions):
                 placed.append(_Placed(class_index, clipped, parts, [clipped], polygons.polygon_area(clipped)))
                 break
 
-    y = np.arange(height, dtype=np.float32)[:, None]
-    x = np.arange(width, dtype=np.float32)[None, :]
     for shape in placed:
-        mask = _rasterize([shape.outline], height, width).astype(bool)
+        ys, xs = np.nonzero(_rasterize([shape.outline], height, width))
         colour = _shape_colour(rng, background_colour)
         # A shading gradient and a little noise so a shape is not one flat colour.
         theta = rng.uniform(0, 2 * np.pi)
-        gradient = (x * np.cos(theta) + y * np.sin(theta)) / max(height, width)
-        fill = colour + rng.uniform(-40, 40) * gradient[..., None]
-        fill = fill + rng.normal(0, 4, size=fill.shape)
-        image[mask] = fill[mask]
+        gradient = ((xs + 0.5) * np.cos(theta) + (ys + 0.5) * np.sin(theta)) / max(height, width)
+        fill = colour + rng.uniform(-40, 40) * gradient[:, None]
+        image[ys, xs] = fill + 4.0 * rng.standard_normal((len(xs), 3), dtype=np.float32)
 
     annotations = []
     for shape in placed:
-        pieces = [p for p in shape.visible if len(p) >= 3]
+        # Rounded as written to the JSON, so area and box describe exactly what a reader decodes.
+        pieces = [np.round(p, 2) for p in shape.visible if len(p) >= 3]
         rle = mask_utils.merge(mask_utils.frPyObjects([p.reshape(-1).tolist() for p in pieces], height, width))
         area = float(mask_utils.area(rle))
         if area < 1:
@@ -194,8 +195,8 @@ def draw_image(rng: np.random.Generator, options: ShapesOptions):
         x2, y2 = corners.max(axis=0)
         annotations.append({
             "class_index": shape.class_index,
-            "polygons": [[round(float(v), 2) for v in p.reshape(-1)] for p in pieces],
-            "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
+            "polygons": [[float(v) for v in p.reshape(-1)] for p in pieces],
+            "bbox": [float(x1), float(y1), round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
             "area": area,
         })
     return np.clip(image, 0, 255).astype(np.uint8), annotations

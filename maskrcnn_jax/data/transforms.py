@@ -146,10 +146,17 @@ def crop_masks_to_boxes(masks: tf.Tensor, boxes: tf.Tensor, mask_size: int) -> t
         (boxes[:, 3] - half_cell_y + 0.5) / (height + 1.0),
         (boxes[:, 2] - half_cell_x + 0.5) / (width + 1.0),
     ], axis=-1)
-    padded = tf.pad(masks, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    padded = _replicate_border(masks)
     crops = tf.image.crop_and_resize(padded, normalized, tf.range(tf.shape(masks)[0]), [mask_size, mask_size],
                                      method="bilinear")
     return crops[..., 0]
+
+
+def _replicate_border(images: tf.Tensor) -> tf.Tensor:
+    """[n, H, W, C] -> [n, H + 2, W + 2, C] with the edge pixels repeated once outward. (Concatenation, since
+    tf.pad's SYMMETRIC mode is some 30x slower on the CPU.)"""
+    images = tf.concat([images[:, :1], images, images[:, -1:]], axis=1)
+    return tf.concat([images[:, :, :1], images, images[:, :, -1:]], axis=2)
 
 
 def _decode_masks(encoded_masks: tf.Tensor) -> tf.Tensor:
