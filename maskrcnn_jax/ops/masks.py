@@ -4,14 +4,18 @@ Coordinates follow DESIGN.md: boxes are (x1, y1, x2, y2) in continuous pixels, p
 centre is i + 0.5. A fixed-resolution mask of size S over a box covers the box with S x S equal cells; cell `k`
 covers [x1 + k * w / S, x1 + (k + 1) * w / S) and is centred at x1 + (k + 0.5) * w / S.
 
-Every resampling here is bilinear and separable in y and x, so it is written as two small interpolation matrices per
-box ([S_out, S_in] for each axis) and a pair of matmuls, never as a dense 4-D sampling tensor.
+Every resampling here is bilinear and separable in y and x. Pasting and mask targets are written as two small
+interpolation matrices per box ([S_out, S_in] for each axis) and a pair of matmuls, never as a dense 4-D sampling
+tensor; cropping full-image masks gathers only the rows and columns its samples touch.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+
+# Full float32 matmuls: TPU and GPU default to bfloat16 / TF32 passes, which would move values near the 0.5 threshold.
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 def _hat_weights(positions, size):
@@ -55,18 +59,19 @@ def crop_masks_to_boxes(full_masks, boxes, mask_size, sampling_ratio=2):
     # Gather the (two neighbours x sampling_ratio samples) rows and columns each cell touches: [G, S, T, S, T].
     g = jnp.arange(full_masks.shape[0])[:, None, None, None, None]
     values = full_masks[g, y_index[:, :, :, None, None], x_index[:, None, None, :, :]].astype(jnp.float32)
-    return jnp.einsum("gat,gatbu,gbu->gab", y_weight, values, x_weight)
+    return jnp.einsum("gat,gatbu,gbu->gab", y_weight, values, x_weight, precision=_EXACT)
 
 
 def _sparse_axis_weights(starts, ends, output_size, input_size, sampling_ratio):
     """Sparse per-axis RoIAlign(aligned=True) weights: (indices, weights), each [G, output_size, 2 * sampling_ratio].
 
-    Bin `i` averages `sampling_ratio` samples at start - 0.5 + (i + (a + 0.5) / sampling_ratio) * (end - start) / output_size
-    (pixel-index coordinates). torchvision's bilinear rule per axis: a sample outside [-1, input_size] is 0; otherwise
-    it is clamped into [0, input_size - 1] and linearly interpolated between its two neighbours. The rule acts on each
-    axis separately, so 2-D RoIAlign is the outer product of two such axis weightings.
+    Bin `i` averages `sampling_ratio` samples at
+    start - 0.5 + (i + (a + 0.5) / sampling_ratio) * (end - start) / output_size (pixel-index coordinates).
+    torchvision's bilinear rule per axis: a sample outside [-1, input_size] is 0; otherwise it is clamped into
+    [0, input_size - 1] and linearly interpolated between its two neighbours. The rule acts on each axis separately,
+    so 2-D RoIAlign is the outer product of two such axis weightings.
     """
-    # torchvision's operation order, so that positions agree to the last bit.
+    # torchvision's operation order, so that positions agree with it to within rounding (FMA aside).
     roi_start = starts - 0.5
     bin_size = ((ends - 0.5) - roi_start) / output_size
     bins = jnp.arange(output_size, dtype=jnp.float32)
@@ -127,7 +132,7 @@ def mask_targets_from_cropped(gt_crops, gt_boxes, rois, matched_gt, output_size=
     x_weights = _resample_in_box_weights(rois[:, 0], rois[:, 2], boxes[:, 0], boxes[:, 2], output_size,
                                          crop_size, sampling_ratio)
     crops = gt_crops[matched_gt].astype(jnp.float32)  # [R, M, M]
-    soft = jnp.einsum("rim,rmn,rjn->rij", y_weights, crops, x_weights)
+    soft = jnp.einsum("rim,rmn,rjn->rij", y_weights, crops, x_weights, precision=_EXACT)
     if threshold is None:
         return soft
     return (soft >= threshold).astype(jnp.float32)
@@ -171,8 +176,8 @@ def paste_mask_probabilities(masks, boxes, image_size):
 
     y_weights = axis_weights(boxes[..., 1], boxes[..., 3], height)  # [N, h, m]
     x_weights = axis_weights(boxes[..., 0], boxes[..., 2], width)  # [N, w, m]
-    rows = jnp.einsum("nym,nmk->nyk", y_weights, masks)
-    return jnp.einsum("nyk,nxk->nyx", rows, x_weights)
+    rows = jnp.einsum("nym,nmk->nyk", y_weights, masks, precision=_EXACT)
+    return jnp.einsum("nyk,nxk->nyx", rows, x_weights, precision=_EXACT)
 
 
 def paste_masks(masks, boxes, image_size, threshold=0.5, chunk_size=8):
