@@ -8,4 +8,5 @@ The only floor that imports TensorFlow; it never imports JAX. Modules:
   polygons     exact polygon clipping used by `synthetic` for occlusion
   transforms   per-example decode / resize / crop / flip / pad / mask cropping (`InputOptions`)
   pipeline     `train_dataset`, `TrainIterator`, `eval_dataset`, `eval_batches` and the batch contract
+  devices      `hide_accelerators_from_tensorflow`: TensorFlow stays on the host
 """

@@ -41,6 +41,7 @@ from absl import logging
 from etils import epath
 
 from maskrcnn_jax.data import coco_format
+from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
 
 SPLITS = {"train": ("train_json", "train_images"), "validation": ("val_json", "val_images")}
 _IMAGES_PER_CHUNK = 64  # bounds memory: at most this many decoded images are in flight
@@ -241,6 +242,7 @@ def _field(data_config: Any, key: str) -> Any:
 
 def get_builder(data_config: Any) -> CocoInstances:
     """The builder for `data_config` (built or not). Reads `name`, `data_dir` and the four split paths."""
+    hide_accelerators_from_tensorflow()
     name, data_dir = _field(data_config, "name"), _field(data_config, "data_dir")
     if not name or not data_dir:
         raise ValueError("the data config needs a dataset `name` and a `data_dir`")

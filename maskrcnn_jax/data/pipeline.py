@@ -46,18 +46,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from maskrcnn_jax.data import transforms
+from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
 from maskrcnn_jax.data.transforms import InputOptions
 
 _DECODERS = {"image": tfds.decode.SkipDecoding(), "objects": {"mask": tfds.decode.SkipDecoding()}}
-
-
-def hide_accelerators_from_tensorflow() -> None:
-    """tf.data runs on the host; JAX owns every accelerator."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):
-        pass  # already initialised, or no such device type: nothing TensorFlow will place there
 
 
 def shard_bounds(num_examples: int, shard_index: int, shard_count: int, drop_remainder: bool) -> tuple[int, int]:
