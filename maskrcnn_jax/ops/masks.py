@@ -30,7 +30,7 @@ def _hat_weights(positions, size):
 
 
 @functools.partial(jax.jit, static_argnames=("mask_size", "sampling_ratio"))
-def crop_masks_to_boxes(full_masks, boxes, mask_size, sampling_ratio=2):
+def crop_masks_to_boxes(full_masks, boxes, mask_size, sampling_ratio=1):
     """Crop full-image masks to their own boxes at a fixed resolution: [G, H, W] x [G, 4] -> [G, S, S] float32.
 
     This is the ground-truth mask format of DESIGN.md (S = mask_size, e.g. 112). The convention, exactly
@@ -45,8 +45,9 @@ def crop_masks_to_boxes(full_masks, boxes, mask_size, sampling_ratio=2):
       is extended by half a pixel rather than faded to zero.)
     - The result is soft (fractional near the mask's edge); it is not thresholded.
 
-    A TF input pipeline that makes the same crops must reproduce these sample positions; tf.image.crop_and_resize
-    uses align-corners positions and zero extrapolation, so it needs adjusted boxes and a border clamp to match.
+    The TF input pipeline's crop (maskrcnn_jax.data.transforms.crop_masks_to_boxes: tf.image.crop_and_resize on
+    adjusted boxes over an edge-replicated mask) follows this convention with sampling_ratio=1, the default here.
+    Larger ratios anti-alias crops of boxes much bigger than S pixels.
 
     Cost is O(G * (S * sampling_ratio * 2)**2) gathers; `full_masks` may be any numeric dtype (bool, uint8, float).
     Jitted, since it is mostly called from data preparation and tests, outside any other jit.
