@@ -53,6 +53,16 @@ def greedy_nms_reference(boxes, scores, iou_threshold, valid=None, classes=None)
     return np.array(kept, np.int64)
 
 
+def _float32_iou(box_a, box_b):
+    """torchvision's float32 IoU of two boxes, op by op."""
+    width = max(np.float32(0), min(box_a[2], box_b[2]) - max(box_a[0], box_b[0]))
+    height = max(np.float32(0), min(box_a[3], box_b[3]) - max(box_a[1], box_b[1]))
+    intersection = width * height
+    area_a = (box_a[2] - box_a[0]) * (box_a[3] - box_a[1])
+    area_b = (box_b[2] - box_b[0]) * (box_b[3] - box_b[1])
+    return intersection / (area_a + area_b - intersection)
+
+
 def clustered_boxes(rng, num_boxes, num_clusters, image_size=(800, 1344), jitter=0.15):
     """Boxes jittered around `num_clusters` objects: few clusters give heavy overlap."""
     height, width = image_size
@@ -118,6 +128,28 @@ def test_threshold_is_compared_like_torchvision():
         np.testing.assert_array_equal(_kept(*_jitted(nms, threshold, 2)(boxes, scores)), expected)
 
 
+def test_iou_is_rounded_like_torchvision(rng):
+    """Each pair's threshold is its own float32 IoU as torchvision rounds it (so the second box survives), or one
+    float32 step below (so it is suppressed). An IoU off by one rounding step, e.g. from a fused multiply-add,
+    flips one of the two."""
+    num_pairs = 2000
+    first, _ = clustered_boxes(rng, num_pairs, num_clusters=num_pairs, jitter=0.0)
+    size = np.tile(first[:, 2:] - first[:, :2], 2)
+    second = (first + rng.normal(0, 0.15, (num_pairs, 4)) * size).astype(np.float32)
+    # Keep clear of IoU 0, whose float32 step below is a denormal that XLA's CPU flushes to zero.
+    apart = np.array([_float32_iou(a, b) <= 0.01 for a, b in zip(first, second)])
+    assert apart.mean() < 0.05
+    second[apart] = first[apart] + 1
+    iou = np.array([_float32_iou(a, b) for a, b in zip(first, second)], np.float32)
+    boxes = np.stack([first, second], axis=1)
+    scores = np.tile(np.array([0.9, 0.8], np.float32), (num_pairs, 1))
+    pairwise_nms = jax.jit(jax.vmap(lambda b, s, t: nms(b, s, t, 2)))
+    _, at_iou = pairwise_nms(boxes, scores, iou)
+    _, below_iou = pairwise_nms(boxes, scores, np.nextafter(iou, np.float32(-np.inf)))
+    assert np.asarray(at_iou).all()
+    assert not np.asarray(below_iou)[:, 1].any()
+
+
 def test_identical_boxes_keep_only_the_best(rng):
     top_left = rng.uniform(0, 50, 2)
     box = np.concatenate([top_left, top_left + rng.uniform(1, 50, 2)])
@@ -160,16 +192,27 @@ def test_torchvision_parity_light_overlap(rng):
     np.testing.assert_array_equal(_kept(*_jitted(nms, iou_threshold, 1000)(boxes, scores)), expected[:1000])
 
 
-def test_torchvision_parity_score_ties(rng):
-    """Equal scores keep index order, as torchvision's stable sort does."""
+def test_torchvision_parity_score_ties_and_nan(rng):
+    """Equal scores (also 0.0 and -0.0) keep index order as in torchvision's stable sort; NaN scores go first."""
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     boxes, _ = clustered_boxes(rng, 6000, num_clusters=200)
     scores = rng.integers(0, 20, 6000).astype(np.float32) / 4 - 2
     scores[rng.random(6000) < 0.05] = 0.0
     scores[rng.random(6000) < 0.05] = -0.0
+    scores[rng.random(6000) < 0.01] = np.nan
     expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
     np.testing.assert_array_equal(_kept(*_jitted(nms, 0.5, 1000)(boxes, scores)), expected[:1000])
+
+
+def test_torchvision_parity_many_boxes(rng):
+    """Past 46,340 boxes the (rank, index) pair no longer packs into one int32 and the sort takes another path."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    boxes, scores = clustered_boxes(rng, 50000, num_clusters=100)
+    scores[rng.random(50000) < 0.3] = 0.5  # ties
+    expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
+    np.testing.assert_array_equal(_kept(*_jitted(nms, 0.5, 64)(boxes, scores)), expected[:64])
 
 
 def test_batched_nms_matches_torchvision(rng):

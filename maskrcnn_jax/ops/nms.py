@@ -221,5 +221,5 @@ def _blocked_greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output
     kept_index = kept.index
     if capacity < max_output:
         kept_index = jnp.pad(kept_index, (0, max_output - capacity))
-    out_valid = jnp.arange(max_output) < count
-    return jnp.where(out_valid, kept_index[:max_output], 0), out_valid
+    # Slots at or past `count` were never written and still hold index 0.
+    return kept_index[:max_output], jnp.arange(max_output) < count
