@@ -1,0 +1,264 @@
+"""RoIAlign (He et al., 2017) on NHWC features, single-level and FPN multi-level.
+
+The numbers follow `torchvision.ops.roi_align` exactly: each output bin averages a fixed
+`sampling_ratio x sampling_ratio` grid of bilinear samples, a sample outside [-1, size] along either axis
+contributes 0, coordinates in [-1, 0] clamp to 0, and a sample past the last row/column reads that row/column.
+
+Design: bilinear interpolation is separable, so every sample reads 4 pixels whose row indices depend only on
+(box, output row, grid row) and whose column indices depend only on (box, output column, grid column). The op is
+written as a sum of (2 * sampling_ratio)**2 terms, each one gather of C-vectors (C is the contiguous axis in NHWC)
+times a weight of shape [N, oh, ow]. XLA fuses all the gathers and the weighted sum into a single loop, so nothing
+larger than the output is materialised; the gradient is the matching scatter-add. The multi-level version
+flattens all levels into one [sum(H_l * W_l), C] array and does the same single gather with per-box
+offset/height/width/scale.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# FPN paper, Eqn. (1): a 224 x 224 box is pooled from level 4 (stride 16).
+CANONICAL_SCALE = 224
+CANONICAL_LEVEL = 4
+LEVEL_EPS = 1e-6
+
+
+def _output_hw(output_size):
+    if isinstance(output_size, int):
+        return output_size, output_size
+    oh, ow = output_size
+    return int(oh), int(ow)
+
+
+def _check_sampling_ratio(sampling_ratio):
+    if not isinstance(sampling_ratio, (int, np.integer)) or sampling_ratio < 1:
+        raise ValueError(
+            f"sampling_ratio must be a Python int >= 1, got {sampling_ratio!r}. torchvision's adaptive "
+            "sampling_ratio <= 0 (ceil(roi_size / output_size) samples per bin) depends on the box, "
+            "so it has no static shape under jit."
+        )
+    return int(sampling_ratio)
+
+
+def rounded_product(a, b):
+    """a * b rounded to float32 on its own, before it is added to anything.
+
+    XLA's code generator contracts `x + a * b` into one fused multiply-add, which skips this rounding and moves
+    sample points by an ulp against torchvision's C++. A select between the multiply and the add (identity for
+    every value, NaN included) blocks the contraction.
+    """
+    product = a * b
+    return jnp.where(product == product, product, jnp.nan)
+
+
+def exact_divide(numerator, denominator):
+    """numerator / denominator rounded like C++ float division (and torch).
+
+    XLA rewrites a division by a broadcast value into a multiplication by its reciprocal, which is an ulp off
+    for divisors such as 3 or 7 and would move sample points against torchvision. Dividing by an array that
+    carries the numerator's own shape (and batching) keeps a true division.
+    """
+    return numerator / (numerator * 0.0 + denominator)
+
+
+def _axis_taps(start, bin_size, num_bins, grid, size):
+    """Bilinear taps of every sample point along one axis, torchvision's rules.
+
+    Args:
+      start, bin_size: [N] float32, in feature-map pixels (box start after scaling and the aligned offset).
+      num_bins: output bins along the axis; grid: samples per bin.
+      size: feature-map extent along the axis, a Python int or an [N] int32 array.
+
+    Returns:
+      low, high: [N, num_bins, grid] int32 neighbour indices, always inside [0, size - 1].
+      w_low, w_high: [N, num_bins, grid] float32 weights; both 0 for samples outside [-1, size].
+    """
+    size = jnp.asarray(size, jnp.int32)
+    if size.ndim:
+        size = size[:, None, None]
+    size_f = size.astype(jnp.float32)
+    bins = jnp.arange(num_bins, dtype=jnp.float32)[:, None]
+    grid_offsets = jnp.arange(grid, dtype=jnp.float32)[None, :] + 0.5
+    start = start[:, None, None]
+    bin_size = bin_size[:, None, None]
+    # Same rounding steps as torchvision: (start + p * bin) + ((g + 0.5) * bin) / grid.
+    bin_starts = rounded_product(bins, bin_size)
+    coord = (start + bin_starts) + exact_divide(grid_offsets * bin_size, jnp.float32(grid))
+    # Written as "in range" so NaN coordinates count as outside, as in torchvision.
+    inside = (coord >= -1.0) & (coord <= size_f)
+    # Outside samples get weight 0; park them on pixel 0 so NaN/inf never reach the integer cast.
+    coord = jnp.where(inside, jnp.maximum(coord, 0.0), 0.0)
+    low = jnp.clip(jnp.floor(coord), 0, size_f - 1).astype(jnp.int32)
+    at_edge = low >= size - 1
+    high = jnp.where(at_edge, low, low + 1)
+    # Past the last pixel torchvision snaps the coordinate onto it: all weight on `low`.
+    frac = jnp.where(at_edge, 0.0, coord - low.astype(jnp.float32))
+    w_high = jnp.where(inside, frac, 0.0)
+    w_low = jnp.where(inside, 1.0 - frac, 0.0)
+    return low, high, w_low, w_high
+
+
+def _roi_align_flat(flat_features, boxes, scale, height, width, offset, output_hw, sampling_ratio, aligned):
+    """RoIAlign of one image whose feature map(s) are flattened to [P, C].
+
+    `scale`, `height`, `width`, `offset` are Python scalars (one map) or [N] arrays (each box's FPN level):
+    box n reads the row-major [height, width] map that starts at row `offset` of `flat_features`.
+    """
+    oh, ow = output_hw
+    grid = sampling_ratio
+    scale = jnp.asarray(scale, jnp.float32)
+    pixel_offset = jnp.float32(0.5 if aligned else 0.0)
+    scaled = rounded_product(boxes, scale[..., None])
+    x1 = scaled[:, 0] - pixel_offset
+    y1 = scaled[:, 1] - pixel_offset
+    x2 = scaled[:, 2] - pixel_offset
+    y2 = scaled[:, 3] - pixel_offset
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    if not aligned:
+        # torchvision forces malformed RoIs to at least 1 x 1 only in the legacy mode.
+        roi_w = jnp.maximum(roi_w, 1.0)
+        roi_h = jnp.maximum(roi_h, 1.0)
+    bin_w = exact_divide(roi_w, jnp.float32(ow))
+    bin_h = exact_divide(roi_h, jnp.float32(oh))
+
+    y_low, y_high, wy_low, wy_high = _axis_taps(y1, bin_h, oh, grid, height)
+    x_low, x_high, wx_low, wx_high = _axis_taps(x1, bin_w, ow, grid, width)
+
+    width = jnp.asarray(width, jnp.int32)
+    offset = jnp.asarray(offset, jnp.int32)
+    if width.ndim:
+        width = width[:, None, None]
+    if offset.ndim:
+        offset = offset[:, None, None]
+    # Row start of every sampled row in the flat array: [N, oh, grid] each.
+    row_starts = [offset + y_low * width, offset + y_high * width]
+    row_weights = [wy_low, wy_high]
+    cols = [x_low, x_high]
+    col_weights = [wx_low, wx_high]
+    inv_count = jnp.float32(1.0 / (grid * grid))
+
+    # Sum of (2 * grid)**2 terms, each a gather of C-vectors of shape [N, oh, ow, C]; XLA fuses them all.
+    out = None
+    for iy in range(grid):
+        for ix in range(grid):
+            for row_start, wy in zip(row_starts, row_weights):
+                for col, wx in zip(cols, col_weights):
+                    index = row_start[:, :, iy, None] + col[:, None, :, ix]
+                    weight = (wy[:, :, iy, None] * wx[:, None, :, ix]) * inv_count
+                    term = flat_features.at[index].get(mode="promise_in_bounds")
+                    term = term * weight[..., None].astype(term.dtype)
+                    out = term if out is None else out + term
+    return out
+
+
+def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, aligned):
+    """RoIAlign with torchvision's semantics, NHWC.
+
+    Args:
+      features: [B, H, W, C].
+      boxes: [B, N, 4] (x1, y1, x2, y2) in input-image pixels; box n of image b pools from features[b].
+      output_size: int or (oh, ow).
+      spatial_scale: feature pixels per input pixel (1 / stride).
+      sampling_ratio: samples per bin along each axis, a static int >= 1.
+      aligned: if True, shift box coordinates by -0.5 feature pixel (pixel centres at i + 0.5) and keep
+        sub-pixel boxes; if False, the legacy Detectron behaviour (no shift, RoI size forced >= 1).
+
+    Returns:
+      [B, N, oh, ow, C], equal to torchvision.ops.roi_align on the same boxes (NCHW, [K, 5] RoIs).
+    """
+    output_hw = _output_hw(output_size)
+    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    _, height, width, channels = features.shape
+    flat = features.reshape(features.shape[0], height * width, channels)
+
+    def one_image(image_features, image_boxes):
+        return _roi_align_flat(
+            image_features, image_boxes, spatial_scale, height, width, 0, output_hw, sampling_ratio, aligned
+        )
+
+    return jax.vmap(one_image)(flat, boxes)
+
+
+def fpn_level_for_boxes(
+    boxes, min_level, max_level, canonical_scale=CANONICAL_SCALE, canonical_level=CANONICAL_LEVEL
+):
+    """FPN level of each box: floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped.
+
+    Same float32 arithmetic as torchvision's LevelMapper. Boxes with zero, negative or NaN area go to
+    `min_level` (torchvision leaves those undefined). Returns int32 levels in [min_level, max_level].
+    """
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    size = jnp.sqrt(area)
+    level = jnp.floor(canonical_level + jnp.log2(exact_divide(size, jnp.float32(canonical_scale))) + jnp.float32(LEVEL_EPS))
+    level = jnp.where(jnp.isnan(level), min_level, level)
+    return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def levels_from_strides(strides):
+    """(min_level, max_level) of consecutive power-of-two strides such as (4, 8, 16, 32) -> (2, 5)."""
+    levels = []
+    for stride in strides:
+        level = int(round(math.log2(stride)))
+        if 2**level != stride:
+            raise ValueError(f"strides must be powers of two, got {tuple(strides)}")
+        levels.append(level)
+    if levels != list(range(levels[0], levels[0] + len(levels))):
+        raise ValueError(f"strides must be consecutive levels (each twice the previous), got {tuple(strides)}")
+    return levels[0], levels[-1]
+
+
+def flatten_levels(features, strides):
+    """Concatenates per-level [B, H_l, W_l, C] maps into [B, sum(H_l * W_l), C] plus per-level tables.
+
+    Returns (flat, min_level, max_level, offsets, heights, widths, scales); the tables are NumPy arrays with
+    one entry per level, in the order given.
+    """
+    if len(features) != len(strides):
+        raise ValueError(f"got {len(features)} feature maps but {len(strides)} strides")
+    min_level, max_level = levels_from_strides(strides)
+    heights = np.array([f.shape[1] for f in features], np.int32)
+    widths = np.array([f.shape[2] for f in features], np.int32)
+    offsets = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(np.int32)
+    scales = np.array([1.0 / s for s in strides], np.float32)
+    batch, channels = features[0].shape[0], features[0].shape[-1]
+    flat = jnp.concatenate([f.reshape(batch, -1, channels) for f in features], axis=1)
+    return flat, min_level, max_level, offsets, heights, widths, scales
+
+
+def multilevel_roi_align(features, boxes, output_size, strides, sampling_ratio, aligned):
+    """RoIAlign from an FPN pyramid: each box is pooled from the level its size selects.
+
+    Args:
+      features: list of [B, H_l, W_l, C], finest first; level l has stride strides[l].
+      boxes: [B, N, 4] in input-image pixels.
+      output_size: int or (oh, ow).
+      strides: consecutive powers of two, e.g. (4, 8, 16, 32) for P2-P5.
+      sampling_ratio: static int >= 1.
+      aligned: see `roi_align`.
+
+    Returns:
+      [B, N, oh, ow, C]; with aligned=False equal to torchvision's MultiScaleRoIAlign over the same levels.
+      All levels are read by one fused gather from the flattened pyramid.
+    """
+    output_hw = _output_hw(output_size)
+    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    flat, min_level, max_level, offsets, heights, widths, scales = flatten_levels(features, strides)
+    level_index = fpn_level_for_boxes(boxes, min_level, max_level) - min_level
+
+    def one_image(image_features, image_boxes, image_levels):
+        return _roi_align_flat(
+            image_features,
+            image_boxes,
+            jnp.asarray(scales)[image_levels],
+            jnp.asarray(heights)[image_levels],
+            jnp.asarray(widths)[image_levels],
+            jnp.asarray(offsets)[image_levels],
+            output_hw,
+            sampling_ratio,
+            aligned,
+        )
+
+    return jax.vmap(one_image)(flat, boxes, level_index)
