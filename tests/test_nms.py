@@ -44,8 +44,10 @@ def greedy_nms_reference(boxes, scores, iou_threshold, valid=None, classes=None)
             continue
         kept.append(i)
         later = order[rank + 1 :]
-        width = np.maximum(np.float32(0), np.minimum(boxes[i, 2], boxes[later, 2]) - np.maximum(boxes[i, 0], boxes[later, 0]))
-        height = np.maximum(np.float32(0), np.minimum(boxes[i, 3], boxes[later, 3]) - np.maximum(boxes[i, 1], boxes[later, 1]))
+        right = np.minimum(boxes[i, 2], boxes[later, 2])
+        bottom = np.minimum(boxes[i, 3], boxes[later, 3])
+        width = np.maximum(np.float32(0), right - np.maximum(boxes[i, 0], boxes[later, 0]))
+        height = np.maximum(np.float32(0), bottom - np.maximum(boxes[i, 1], boxes[later, 1]))
         intersection = width * height
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = intersection / (areas[i] + areas[later] - intersection)
@@ -98,13 +100,6 @@ def test_matches_reference_with_truncation_and_padding(rng):
         # No padding: the same boxes, all valid.
         expected = greedy_nms_reference(boxes, scores, 0.5)
         np.testing.assert_array_equal(_kept(*nms_fn(boxes, scores, valid=np.ones(40, bool))), expected[:16])
-
-
-def test_fewer_boxes_than_slots(rng):
-    boxes, scores = clustered_boxes(rng, 12, num_clusters=4, image_size=(64, 64))
-    indices, valid = _jitted(nms, 0.5, 16)(boxes, scores)
-    assert indices.shape == (16,) and indices.dtype == jnp.int32 and valid.dtype == jnp.bool_
-    np.testing.assert_array_equal(_kept(indices, valid), greedy_nms_reference(boxes, scores, 0.5))
 
 
 def test_padded_boxes_neither_kept_nor_suppressing(rng):
@@ -206,11 +201,11 @@ def test_torchvision_parity_score_ties_and_nan(rng):
 
 
 def test_torchvision_parity_many_boxes(rng):
-    """Past 46,340 boxes the (rank, index) pair no longer packs into one int32 and the sort takes another path."""
+    """Past 65,536 boxes the (rank, index) pair no longer packs into one uint32 and the sort takes another path."""
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
-    boxes, scores = clustered_boxes(rng, 50000, num_clusters=100)
-    scores[rng.random(50000) < 0.3] = 0.5  # ties
+    boxes, scores = clustered_boxes(rng, 70000, num_clusters=100)
+    scores[rng.random(70000) < 0.3] = 0.5  # ties
     expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
     np.testing.assert_array_equal(_kept(*_jitted(nms, 0.5, 64)(boxes, scores)), expected[:64])
 
@@ -260,9 +255,27 @@ def test_vmap_matches_per_image_calls(rng):
         np.testing.assert_array_equal(_kept(*(out[image] for out in class_aware)), expected[:64])
 
 
-def test_traced_threshold_under_jit(rng):
+def test_traced_threshold_and_fewer_boxes_than_slots(rng):
     boxes, scores = clustered_boxes(rng, 40, num_clusters=8, image_size=(64, 64))
     nms_fn = jax.jit(nms, static_argnames=("max_output",))
     for threshold in (0.3, 0.6):
-        kept = _kept(*nms_fn(boxes, scores, jnp.float32(threshold), max_output=40))
-        np.testing.assert_array_equal(kept, greedy_nms_reference(boxes, scores, threshold))
+        indices, valid = nms_fn(boxes, scores, jnp.float32(threshold), max_output=64)
+        assert indices.shape == (64,) and indices.dtype == jnp.int32 and valid.dtype == jnp.bool_
+        np.testing.assert_array_equal(_kept(indices, valid), greedy_nms_reference(boxes, scores, threshold))
+
+
+def test_gradient_flows_around_nms(rng):
+    """The indices carry no gradient, but a loss on the boxes they select differentiates (no while-loop VJP)."""
+    boxes, scores = clustered_boxes(rng, 40, num_clusters=8, image_size=(64, 64))
+
+    def selected_area(boxes):
+        indices, valid = nms(boxes, scores, 0.5, 16)
+        selected = boxes[indices]
+        return jnp.sum(jnp.where(valid, (selected[:, 2] - selected[:, 0]) * (selected[:, 3] - selected[:, 1]), 0.0))
+
+    gradient = np.asarray(jax.jit(jax.grad(selected_area))(boxes))
+    kept = greedy_nms_reference(boxes, scores, 0.5)[:16]
+    expected = np.zeros_like(boxes)
+    height, width = boxes[kept, 3] - boxes[kept, 1], boxes[kept, 2] - boxes[kept, 0]
+    expected[kept] = np.stack([-height, -width, height, width], axis=1)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-6)

@@ -134,21 +134,22 @@ def _rank_order(scores, valid):
     # it and stays inside (int32 min, int32 max), which are left for NaN scores and invalid boxes.
     descending = ~jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     key = jnp.where(valid, jnp.where(jnp.isnan(scores), jnp.iinfo(jnp.int32).min, descending), jnp.iinfo(jnp.int32).max)
-    position = lax.iota(jnp.int32, num_boxes)
-    if num_boxes * num_boxes > jnp.iinfo(jnp.int32).max:
-        return lax.sort((key, position), num_keys=1, is_stable=True)[1]
-    # XLA's CPU sort is several times faster for one int32 operand than for a (key, index) pair, so pack the
-    # pair into one int32: (number of smaller keys) * N + index orders like a stable sort by key.
-    smaller_keys = jnp.searchsorted(lax.sort(key), key, side="left").astype(jnp.int32)
-    return lax.sort(smaller_keys * num_boxes + position) % num_boxes
+    if num_boxes * num_boxes > 2**32:
+        return lax.sort((key, lax.iota(jnp.int32, num_boxes)), num_keys=1, is_stable=True)[1]
+    # XLA's CPU sort is several times faster for one 32-bit operand than for a (key, index) pair, so pack the
+    # pair into one uint32: (number of smaller keys) * N + index orders like a stable sort by key.
+    smaller_keys = jnp.searchsorted(lax.sort(key), key, side="left").astype(jnp.uint32)
+    packed = smaller_keys * jnp.uint32(num_boxes) + lax.iota(jnp.uint32, num_boxes)
+    return (lax.sort(packed) % jnp.uint32(num_boxes)).astype(jnp.int32)
 
 
 def _blocked_greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output, block_size):
     if not isinstance(max_output, (int, np.integer)) or max_output < 0:
         raise ValueError(f"max_output must be a static non-negative int, got {max_output!r}")
     max_output = int(max_output)
-    boxes = jnp.asarray(boxes, jnp.float32)
-    scores = jnp.asarray(scores, jnp.float32)
+    # Indices carry no gradient; stopping it here also keeps reverse-mode autodiff out of the while loops.
+    boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
+    scores = lax.stop_gradient(jnp.asarray(scores, jnp.float32))
     num_boxes = boxes.shape[0]
     if boxes.shape != (num_boxes, 4) or scores.shape != (num_boxes,):
         raise ValueError(f"expected boxes [N, 4] and scores [N], got {boxes.shape} and {scores.shape}")
@@ -213,7 +214,9 @@ def _blocked_greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output
 
     def more_to_do(state):
         block_index, count, _ = state
-        return (block_index < num_blocks) & (count < max_output)
+        # Invalid boxes are ranked last: a block that starts with one holds nothing to keep.
+        next_block_has_boxes = ranked_valid[jnp.minimum(block_index, num_blocks - 1) * block]
+        return (block_index < num_blocks) & (count < max_output) & next_block_has_boxes
 
     empty_kept = jax.tree.map(lambda column: jnp.zeros((capacity,), column.dtype), ranked)
     _, count, kept = lax.while_loop(more_to_do, process_block, (jnp.int32(0), jnp.int32(0), empty_kept))
