@@ -1,6 +1,8 @@
-"""Flax Linen modules: the backbone (ResNet, FPN) and, later, the RPN, RoI heads and the MaskRCNN module."""
+"""Flax Linen modules: the backbone (ResNet, FPN), the RPN, the RoI heads and the MaskRCNN module."""
 
+from maskrcnn_jax.modeling.defaults import model_config
 from maskrcnn_jax.modeling.fpn import FPN, ResNetFPN, upsample_nearest
+from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, build_model
 from maskrcnn_jax.modeling.norm import BatchNorm, FrozenBatchNorm, GroupNorm, make_norm
 from maskrcnn_jax.modeling.resnet import ResNet, frozen_names, frozen_param_mask, out_channels
 
@@ -8,12 +10,15 @@ __all__ = [
     "FPN",
     "BatchNorm",
     "FrozenBatchNorm",
+    "MaskRCNN",
     "GroupNorm",
     "ResNet",
     "ResNetFPN",
+    "build_model",
     "frozen_names",
     "frozen_param_mask",
     "make_norm",
+    "model_config",
     "out_channels",
     "upsample_nearest",
 ]

@@ -10,3 +10,20 @@ from maskrcnn_jax.ops.boxes import (
     encode_boxes,
     min_size_mask,
 )
+from maskrcnn_jax.ops.losses import (
+    sigmoid_binary_cross_entropy,
+    sigmoid_mask_loss,
+    smooth_l1_loss,
+    softmax_cross_entropy,
+    softmax_mask_loss,
+)
+from maskrcnn_jax.ops.masks import (
+    crop_masks_to_boxes,
+    mask_targets_from_cropped,
+    paste_mask_probabilities,
+    paste_masks,
+)
+from maskrcnn_jax.ops.matching import match_boxes, match_quality_matrix
+from maskrcnn_jax.ops.nms import batched_nms, nms
+from maskrcnn_jax.ops.roi_align import fpn_level_for_boxes, multilevel_roi_align, roi_align
+from maskrcnn_jax.ops.sampling import sample_balanced

@@ -1,0 +1,59 @@
+"""The model's knobs with detectron2's R50-FPN defaults; configs/ start from this and override."""
+
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.num_classes = 91  # including background, as torchvision counts (COCO: 80 used ids out of 1..90)
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16; parameters, losses, decoding and NMS stay float32
+
+    c.backbone = ml_collections.ConfigDict()
+    c.backbone.depth = 50
+    c.backbone.norm = "frozen_bn"  # frozen_bn | bn | gn
+    c.backbone.freeze_at = 2  # detectron2: stem and res2 frozen when starting from pretrained weights
+    c.backbone.stride_in_1x1 = False  # True for MSRA / detectron2 weights
+    c.backbone.fpn_channels = 256
+
+    c.anchors = ml_collections.ConfigDict()
+    c.anchors.strides = (4, 8, 16, 32, 64)
+    c.anchors.sizes = (32, 64, 128, 256, 512)
+    c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
+
+    c.rpn = ml_collections.ConfigDict()
+    c.rpn.iou_thresholds = (0.3, 0.7)
+    c.rpn.batch_size_per_image = 256
+    c.rpn.positive_fraction = 0.5
+    c.rpn.box_loss_beta = 0.0
+    c.rpn.pre_nms_topk_train = 2000
+    c.rpn.pre_nms_topk_test = 1000
+    c.rpn.post_nms_topk_train = 1000
+    c.rpn.post_nms_topk_test = 1000
+    c.rpn.nms_threshold = 0.7
+    c.rpn.min_size = 1e-3
+
+    c.roi_heads = ml_collections.ConfigDict()
+    c.roi_heads.batch_size_per_image = 512
+    c.roi_heads.positive_fraction = 0.25
+    c.roi_heads.iou_threshold = 0.5
+    c.roi_heads.box_loss_beta = 0.0
+    c.roi_heads.roi_op = "align"  # align | pool (the paper's RoIPool ablation)
+    c.roi_heads.aligned = True  # detectron2's ROIAlignV2; torchvision's weights expect False
+    c.roi_heads.sampling_ratio = 2
+    c.roi_heads.box_pool_size = 7
+    c.roi_heads.mask_pool_size = 14
+    c.roi_heads.pool_strides = (4, 8, 16, 32)  # P2..P5, as both peers pool
+    c.roi_heads.fc_dim = 1024
+    c.roi_heads.mask_head = "fcn"  # fcn | mlp
+    c.roi_heads.mask_conv_dim = 256
+    c.roi_heads.mask_num_convs = 4
+    c.roi_heads.mask_loss = "sigmoid"  # sigmoid | softmax
+    c.roi_heads.class_agnostic_mask = False
+
+    c.detection = ml_collections.ConfigDict()
+    c.detection.score_threshold = 0.05
+    c.detection.nms_threshold = 0.5
+    c.detection.detections_per_image = 100
+    c.detection.pre_nms_topk = 5000
+    c.detection.min_size = 1e-2
+    return c

@@ -1,0 +1,198 @@
+"""The MaskRCNN module: ResNet-FPN, RPN, box head and mask head wired together, with static shapes throughout.
+
+Two entry points, both jit-able with one compile per input shape:
+  * `MaskRCNN.losses(batch, key)`: the training forward pass, returning (total loss, named losses).
+  * `MaskRCNN.predict(images, image_sizes)`: fixed-size detections with 28x28 mask probabilities.
+`config` is the `model` section of a config (see modeling/defaults.py), frozen so the module stays hashable.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from maskrcnn_jax import ops
+from maskrcnn_jax.modeling.fpn import ResNetFPN
+from maskrcnn_jax.modeling.roi_heads import (
+    BoxHead,
+    FCNMaskHead,
+    MLPMaskHead,
+    box_head_losses,
+    detect,
+    sample_rois,
+)
+from maskrcnn_jax.modeling.rpn import RPNHead, propose, rpn_losses
+
+MASK_SIZE = 28
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class MaskRCNN(nn.Module):
+    config: Any  # ml_collections.FrozenConfigDict of modeling.defaults.model_config()
+
+    def setup(self):
+        c = self.config
+        if c.roi_heads.roi_op not in ("align", "pool"):
+            raise ValueError(f"roi_heads.roi_op must be 'align' or 'pool', got {c.roi_heads.roi_op!r}")
+        if c.roi_heads.mask_loss not in ("sigmoid", "softmax"):
+            raise ValueError(f"roi_heads.mask_loss must be 'sigmoid' or 'softmax', got {c.roi_heads.mask_loss!r}")
+        if c.roi_heads.mask_loss == "softmax" and c.roi_heads.class_agnostic_mask:
+            raise ValueError("a softmax mask loss needs one mask per class; it cannot be class-agnostic")
+        dtype = DTYPES[c.dtype]
+        self.backbone = ResNetFPN(
+            depth=c.backbone.depth,
+            norm=c.backbone.norm,
+            freeze_at=c.backbone.freeze_at,
+            stride_in_1x1=c.backbone.stride_in_1x1,
+            fpn_channels=c.backbone.fpn_channels,
+            dtype=dtype,
+        )
+        self.rpn_head = RPNHead(num_anchors=len(c.anchors.aspect_ratios), dtype=dtype)
+        self.box_head = BoxHead(num_classes=c.num_classes, fc_dim=c.roi_heads.fc_dim, dtype=dtype)
+        num_masks = 1 if c.roi_heads.class_agnostic_mask else c.num_classes
+        if c.roi_heads.mask_head == "fcn":
+            self.mask_head = FCNMaskHead(
+                num_masks=num_masks,
+                conv_dim=c.roi_heads.mask_conv_dim,
+                num_convs=c.roi_heads.mask_num_convs,
+                dtype=dtype,
+            )
+        elif c.roi_heads.mask_head == "mlp":
+            self.mask_head = MLPMaskHead(num_masks=num_masks, fc_dim=c.roi_heads.fc_dim, dtype=dtype)
+        else:
+            raise ValueError(f"roi_heads.mask_head must be 'fcn' or 'mlp', got {c.roi_heads.mask_head!r}")
+
+    # -- shared pieces ---------------------------------------------------------------------------------------
+
+    def _features(self, images, train):
+        features = self.backbone(images, train=train)
+        return [features[f"p{level}"] for level in range(2, 2 + len(self.config.anchors.strides))]
+
+    def _anchors(self, images):
+        a = self.config.anchors
+        return ops.generate_anchors(images.shape[1:3], a.strides, a.sizes, a.aspect_ratios)
+
+    def _pool(self, levels, boxes, output_size):
+        r = self.config.roi_heads
+        pooled = levels[: len(r.pool_strides)]
+        if r.roi_op == "align":
+            out = ops.multilevel_roi_align(pooled, boxes, output_size, r.pool_strides, r.sampling_ratio, r.aligned)
+        else:
+            out = ops.multilevel_roi_pool(pooled, boxes, output_size, r.pool_strides)
+        return out.astype(DTYPES[self.config.dtype])
+
+    def _proposals(self, levels, images, image_sizes, train):
+        r = self.config.rpn
+        objectness, deltas = self.rpn_head(levels)
+        boxes, _, valid = propose(
+            objectness,
+            deltas,
+            self._anchors(images),
+            image_sizes,
+            pre_nms_topk=r.pre_nms_topk_train if train else r.pre_nms_topk_test,
+            post_nms_topk=r.post_nms_topk_train if train else r.post_nms_topk_test,
+            nms_threshold=r.nms_threshold,
+            min_size=r.min_size,
+        )
+        return objectness, deltas, boxes, valid
+
+    def _select_mask_channel(self, mask_logits, classes):
+        if self.config.roi_heads.class_agnostic_mask:
+            return mask_logits[..., 0]
+        return jnp.take_along_axis(mask_logits, classes[..., None, None, None], axis=-1)[..., 0]
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def losses(self, batch, key, train: bool = True):
+        """batch: image [B, H, W, 3], image_size [B, 2], gt_boxes [B, G, 4], gt_classes [B, G],
+        gt_is_crowd [B, G], gt_valid [B, G], gt_masks [B, G, M, M] (box-cropped, see ops.masks).
+        Returns (total, {name: scalar}) with every loss in float32."""
+        c = self.config
+        images = batch["image"]
+        gt_boxes = batch["gt_boxes"].astype(jnp.float32)
+        gt_valid, gt_is_crowd = batch["gt_valid"], batch["gt_is_crowd"]
+        rpn_key, roi_key = jax.random.split(key)
+
+        levels = self._features(images, train)
+        objectness, deltas, proposals, proposal_valid = self._proposals(levels, images, batch["image_size"], train)
+        losses = rpn_losses(
+            rpn_key,
+            objectness,
+            deltas,
+            jnp.concatenate(self._anchors(images), axis=0),
+            gt_boxes,
+            gt_valid,
+            gt_is_crowd,
+            iou_thresholds=c.rpn.iou_thresholds,
+            batch_size_per_image=c.rpn.batch_size_per_image,
+            positive_fraction=c.rpn.positive_fraction,
+            box_loss_beta=c.rpn.box_loss_beta,
+        )
+
+        r = c.roi_heads
+        sampled = sample_rois(
+            roi_key,
+            proposals,
+            proposal_valid,
+            gt_boxes,
+            batch["gt_classes"],
+            gt_valid,
+            gt_is_crowd,
+            batch_size_per_image=r.batch_size_per_image,
+            positive_fraction=r.positive_fraction,
+            iou_threshold=r.iou_threshold,
+        )
+        class_logits, box_deltas = self.box_head(self._pool(levels, sampled["rois"], r.box_pool_size))
+        losses.update(box_head_losses(class_logits, box_deltas, sampled, gt_boxes, box_loss_beta=r.box_loss_beta))
+
+        # Positives come first in the sample, so this fixed-size prefix holds all of them.
+        num_mask_rois = int(r.batch_size_per_image * r.positive_fraction)
+        mask_rois = sampled["rois"][:, :num_mask_rois]
+        mask_classes = sampled["classes"][:, :num_mask_rois]
+        mask_valid = sampled["positive"][:, :num_mask_rois]
+        mask_logits = self.mask_head(self._pool(levels, mask_rois, r.mask_pool_size))
+        targets = jax.vmap(ops.mask_targets_from_cropped, in_axes=(0, 0, 0, 0, None))(
+            batch["gt_masks"], gt_boxes, mask_rois, sampled["matched_gt"][:, :num_mask_rois], MASK_SIZE
+        )
+        mask_loss = ops.sigmoid_mask_loss if r.mask_loss == "sigmoid" else ops.softmax_mask_loss
+        flat = lambda x: x.reshape(-1, *x.shape[2:])
+        losses["mask"] = mask_loss(flat(mask_logits), flat(targets), flat(mask_classes), flat(mask_valid))
+        losses = {name: value.astype(jnp.float32) for name, value in losses.items()}
+        return sum(losses.values()), losses
+
+    # -- inference -------------------------------------------------------------------------------------------
+
+    def predict(self, images, image_sizes):
+        """images [B, H, W, 3] (normalised, padded canvas), image_sizes [B, 2] (h, w of the image inside it).
+        Returns boxes [B, D, 4] (canvas pixels), scores [B, D], classes [B, D] (1..num_classes-1),
+        masks [B, D, 28, 28] (probabilities of the predicted class), valid [B, D]."""
+        c = self.config
+        levels = self._features(images, train=False)
+        _, _, proposals, proposal_valid = self._proposals(levels, images, image_sizes, train=False)
+        class_logits, box_deltas = self.box_head(self._pool(levels, proposals, c.roi_heads.box_pool_size))
+        d = c.detection
+        boxes, scores, classes, valid = jax.vmap(
+            lambda *args: detect(
+                *args,
+                score_threshold=d.score_threshold,
+                nms_threshold=d.nms_threshold,
+                detections_per_image=d.detections_per_image,
+                pre_nms_topk=d.pre_nms_topk,
+                min_size=d.min_size,
+            )
+        )(class_logits, box_deltas, proposals, proposal_valid, image_sizes)
+        mask_logits = self.mask_head(self._pool(levels, boxes, c.roi_heads.mask_pool_size))
+        if c.roi_heads.mask_loss == "softmax":
+            masks = self._select_mask_channel(jax.nn.softmax(mask_logits, axis=-1), classes)
+        else:
+            masks = jax.nn.sigmoid(self._select_mask_channel(mask_logits, classes))
+        return {"boxes": boxes, "scores": scores, "classes": classes, "masks": masks, "valid": valid}
+
+    def __call__(self, images, image_sizes):
+        return self.predict(images, image_sizes)
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> MaskRCNN:
+    return MaskRCNN(ml_collections.FrozenConfigDict(model_config))

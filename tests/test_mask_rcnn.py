@@ -1,0 +1,200 @@
+"""The whole model: size against torchvision, one compile across instance counts, edge cases, and learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from maskrcnn_jax import ops
+from maskrcnn_jax.modeling.defaults import model_config
+from maskrcnn_jax.modeling.mask_rcnn import build_model
+
+CANVAS = (128, 128)
+MAX_INSTANCES = 4
+CROP_SIZE = 56
+
+
+def tiny_config():
+    c = model_config()
+    c.num_classes = 3
+    c.backbone.depth = 18
+    c.backbone.norm = "gn"
+    c.backbone.freeze_at = 0
+    c.backbone.fpn_channels = 64
+    c.anchors.sizes = (16, 32, 64, 128, 256)
+    c.rpn.pre_nms_topk_train = c.rpn.pre_nms_topk_test = 300
+    c.rpn.post_nms_topk_train = c.rpn.post_nms_topk_test = 100
+    c.roi_heads.batch_size_per_image = 64
+    c.roi_heads.fc_dim = 256
+    c.roi_heads.mask_conv_dim = 64
+    c.detection.detections_per_image = 20
+    c.detection.pre_nms_topk = 500
+    return c
+
+
+def draw_instances(shapes):
+    """shapes: (class, kind, x1, y1, x2, y2) -> full masks [G, H, W] and the masks' tight boxes."""
+    yy, xx = np.mgrid[0 : CANVAS[0], 0 : CANVAS[1]] + 0.5
+    masks = []
+    for _, kind, x1, y1, x2, y2 in shapes:
+        if kind == "box":
+            mask = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+        else:
+            cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+            mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        masks.append(mask)
+    masks = np.stack(masks) if masks else np.zeros((0, *CANVAS), bool)
+    boxes = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return masks, np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def make_example(shapes, rng, crowd=()):
+    masks, boxes = draw_instances(shapes)
+    image = rng.normal(0, 0.2, (*CANVAS, 3)).astype(np.float32)
+    colours = {1: (1.5, -1.0, -1.0), 2: (-1.0, 1.5, -1.0)}
+    for (label, *_), mask in zip(shapes, masks):
+        image[mask] = colours[label]
+    count = len(shapes)
+    example = {
+        "image": image,
+        "image_size": np.asarray(CANVAS, np.int32),
+        "gt_boxes": np.zeros((MAX_INSTANCES, 4), np.float32),
+        "gt_classes": np.zeros(MAX_INSTANCES, np.int32),
+        "gt_is_crowd": np.zeros(MAX_INSTANCES, bool),
+        "gt_valid": np.zeros(MAX_INSTANCES, bool),
+        "gt_masks": np.zeros((MAX_INSTANCES, CROP_SIZE, CROP_SIZE), np.float32),
+    }
+    if count:
+        example["gt_boxes"][:count] = boxes
+        example["gt_classes"][:count] = [s[0] for s in shapes]
+        example["gt_valid"][:count] = True
+        example["gt_is_crowd"][list(crowd)] = True
+        example["gt_masks"][:count] = np.asarray(ops.crop_masks_to_boxes(masks, boxes, CROP_SIZE))
+    return example, masks
+
+
+def stack(examples):
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_config()
+    model = build_model(config)
+    images = jnp.zeros((1, *CANVAS, 3))
+    sizes = jnp.asarray([CANVAS], jnp.int32)
+    variables = model.init(jax.random.key(0), images, sizes)
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def loss_and_grad(tiny):
+    model, _ = tiny
+    traces = []
+
+    def loss_fn(params, other, batch, key):
+        traces.append(1)  # runs once per trace, i.e. once per compile
+        return model.apply({"params": params, **other}, batch, key, method=model.losses)
+
+    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    return step, traces
+
+
+def split(variables):
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+
+def test_size_matches_torchvision_maskrcnn_resnet50_fpn():
+    config = model_config()
+    config.backbone.freeze_at = 0
+    model = build_model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 2), jnp.int32))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    assert set(shapes) == {"params", "batch_stats"}
+    assert count(shapes["params"]) == 44_401_393
+    assert count(shapes["batch_stats"]) == 106_240
+    assert count(shapes) == 44_507_633
+
+
+def test_train_step_compiles_once_across_instance_counts(tiny, loss_and_grad, rng):
+    _, variables = tiny
+    params, other = split(variables)
+    step, traces = loss_and_grad
+    before = len(traces)
+    layouts = [
+        [],
+        [(1, "box", 20, 30, 70, 90)],
+        [(1, "box", 10, 10, 50, 40), (2, "ellipse", 60, 50, 120, 110), (2, "ellipse", 5, 70, 45, 120)],
+    ]
+    for i, shapes in enumerate(layouts):
+        batch = stack([make_example(shapes, rng)[0]])
+        (loss, parts), grads = step(params, other, batch, jax.random.key(i))
+        assert np.isfinite(float(loss)), parts
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert len(traces) - before <= 1
+
+
+def test_empty_and_crowd_only_images_give_finite_losses_and_gradients(tiny, loss_and_grad, rng):
+    _, variables = tiny
+    params, other = split(variables)
+    step, _ = loss_and_grad
+    empty, _ = make_example([], rng)
+    crowd_only, _ = make_example([(1, "box", 20, 20, 100, 100)], rng, crowd=(0,))
+    for example in (empty, crowd_only):
+        (loss, parts), grads = step(params, other, stack([example]), jax.random.key(3))
+        assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in parts.values())
+        # With nothing to find, no mask or box regression loss may arise.
+        assert float(parts["mask"]) == 0.0 and float(parts["box_reg"]) == 0.0 and float(parts["rpn_box"]) == 0.0
+        leaves = jax.tree.leaves(grads)
+        assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+        assert any(np.abs(np.asarray(g)).sum() > 0 for g in leaves)
+
+
+def mask_iou(a, b):
+    return np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1)
+
+
+def test_overfits_two_images_and_finds_every_object(tiny, rng):
+    model, variables = tiny
+    params, other = split(variables)
+    layouts = [
+        [(1, "box", 14, 20, 60, 70), (2, "ellipse", 70, 60, 120, 116)],
+        [(2, "ellipse", 10, 12, 70, 56), (1, "box", 64, 70, 110, 118)],
+    ]
+    examples, full_masks = zip(*(make_example(shapes, rng) for shapes in layouts))
+    batch = stack(examples)
+    steps = 80
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 10, steps, end_value=1e-4)
+    optimizer = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(schedule))
+
+    @jax.jit
+    def train_step(params, opt_state, key):
+        def loss_fn(params):
+            return model.apply({"params": params, **other}, batch, key, method=model.losses)
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, parts
+
+    opt_state = optimizer.init(params)
+    losses = []
+    for step in range(steps):
+        params, opt_state, loss, parts = train_step(params, opt_state, jax.random.key(step))
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert losses[-1] * 5 <= losses[0], (losses[0], losses[-1], {k: float(v) for k, v in parts.items()})
+
+    out = jax.jit(lambda p, images, sizes: model.apply({"params": p, **other}, images, sizes, method=model.predict))(
+        params, batch["image"], batch["image_size"]
+    )
+    for i, (shapes, masks) in enumerate(zip(layouts, full_masks)):
+        valid = np.asarray(out["valid"][i])
+        pasted = np.asarray(ops.paste_masks(out["masks"][i], out["boxes"][i], CANVAS))
+        classes = np.asarray(out["classes"][i])
+        for (label, *_), truth in zip(shapes, masks):
+            candidates = [mask_iou(pasted[d], truth) for d in np.flatnonzero(valid & (classes == label))]
+            assert candidates and max(candidates) >= 0.8, (i, label, candidates)
