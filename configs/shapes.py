@@ -1,0 +1,62 @@
+"""The `make demo` recipe: Mask R-CNN from scratch on generated shapes, sized for a 2-core CPU.
+
+ResNet-18 with GroupNorm (trains from scratch with small batches), a 64-channel FPN, fewer proposals and
+RoIs, AdamW with warmup and one decay. The shapes (5 classes, 20-120 px on 256-320 px images) are written
+to data.shapes.dir and built into data.data_dir on the first run.
+"""
+
+from maskrcnn_jax.config import base_config
+
+
+def get_config():
+    config = base_config()
+
+    m = config.model
+    m.num_classes = 6  # 5 shapes + background
+    m.backbone.depth = 18
+    m.backbone.norm = "gn"
+    m.backbone.freeze_at = 0  # nothing pretrained to protect
+    m.backbone.fpn_channels = 64
+    m.anchors.sizes = (16, 32, 64, 128, 256)
+    m.rpn.pre_nms_topk_train = 600
+    m.rpn.post_nms_topk_train = 300
+    m.rpn.pre_nms_topk_test = 300
+    m.rpn.post_nms_topk_test = 100
+    m.rpn.batch_size_per_image = 128
+    m.roi_heads.batch_size_per_image = 64
+    m.roi_heads.fc_dim = 256
+    m.roi_heads.mask_conv_dim = 64
+    m.roi_heads.mask_num_convs = 2
+    m.detection.detections_per_image = 20
+    m.detection.pre_nms_topk = 500
+
+    d = config.data
+    d.name = "shapes"
+    d.data_dir = "workdir/data/tfds"
+    d.shapes.dir = "workdir/data/shapes"
+    d.shapes.num_train = 2000
+    d.shapes.num_val = 100
+    d.canvas_size = (256, 256)  # 256-320 px images are scaled to fit
+    d.max_instances = 8
+    d.mask_size = 56
+    d.shuffle_buffer = 2000
+
+    t = config.train
+    t.batch_size = 4
+    t.num_steps = 1500
+    t.optimizer = "adamw"
+    t.base_lr = 1e-3
+    t.weight_decay = 1e-4
+    t.warmup_steps = 100
+    t.warmup_factor = 0.01
+    t.lr_steps = (1200,)
+    t.grad_clip_norm = 10.0
+    t.log_every = 25
+    t.checkpoint_every = 250
+    t.max_checkpoints_to_keep = 2
+    t.eval_every = 0  # once, at the end
+
+    e = config.eval
+    e.batch_size = 4
+    e.num_overlays = 8
+    return config
