@@ -1,0 +1,60 @@
+"""Import a torchvision or detectron2 checkpoint into a workdir.
+
+    python -m maskrcnn_jax.convert --from=torchvision maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out=WORKDIR
+    python -m maskrcnn_jax.convert --from=detectron2 model_final_f10217.pkl --out=WORKDIR
+    python -m maskrcnn_jax.convert --from=torchvision resnet50-11ad3fa6.pth --out=WORKDIR \
+        --config=configs/coco_r50_fpn_1x.py          # an ImageNet backbone as the start of training
+
+`--config` (an ml_collections config file, overridable with --config.a.b=value) describes the model that receives
+the weights; it defaults to configs/torchvision_maskrcnn_r50_fpn.py or configs/detectron2_maskrcnn_r50_fpn.py.
+Reading .pth files needs torch (the `parity` extra).
+"""
+
+import importlib.util
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from maskrcnn_jax.convert.checkpoint import write_checkpoint
+from maskrcnn_jax.convert.detectron2 import from_detectron2, load_detectron2_pickle
+from maskrcnn_jax.convert.torchvision import from_torchvision, load_torch_file
+
+DEFAULT_CONFIGS = {
+    "torchvision": "torchvision_maskrcnn_r50_fpn.py",
+    "detectron2": "detectron2_maskrcnn_r50_fpn.py",
+}
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+flags.DEFINE_enum("from", None, sorted(DEFAULT_CONFIGS), "Which library wrote the checkpoint.")
+flags.DEFINE_string("out", None, "Workdir to write the Orbax checkpoint and config.json into.")
+flags.DEFINE_enum("input_order", "rgb", ["rgb", "bgr"], "detectron2 only: the channel order our pipeline feeds.")
+config_flags.DEFINE_config_file("config", None, "Config of the receiving model.", lock_config=True)
+flags.mark_flags_as_required(["from", "out"])
+FLAGS = flags.FLAGS
+
+
+def default_config(source: str):
+    path = CONFIGS_DIR / DEFAULT_CONFIGS[source]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv):
+    if len(argv) != 2:
+        raise app.UsageError("give exactly one checkpoint file")
+    source, path = FLAGS["from"].value, argv[1]
+    config = FLAGS.config if FLAGS.config is not None else default_config(source)
+    norm = config.model.backbone.norm
+    if source == "torchvision":
+        imported = from_torchvision(load_torch_file(path), norm=norm)
+    else:
+        imported = from_detectron2(load_detectron2_pickle(path), norm=norm, input_order=FLAGS.input_order)
+    directory = write_checkpoint(FLAGS.out, config, imported)
+    logging.info("wrote %s (step 0) and %s/config.json", directory, FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)

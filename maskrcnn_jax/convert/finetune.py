@@ -1,0 +1,92 @@
+"""Merging imported weights into freshly initialised variables, for training or fine-tuning.
+
+`merge_pretrained(fresh, imported)` takes every imported variable whose path and shape match the model, keeps the
+fresh initialisation for variables the import does not cover (the FPN and heads after an ImageNet backbone import),
+and re-initialises the class-dependent layers when the number of classes differs (a COCO model fine-tuned on a
+dataset with other classes). Anything else that does not fit is an error: a shape mismatch in a class-independent
+layer means the config does not describe the checkpoint (wrong depth, norm or FPN width).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from maskrcnn_jax.convert.layout import flatten, unflatten
+
+logger = logging.getLogger(__name__)
+
+# The layers whose shapes depend on num_classes (with the collection-free module path).
+CLASS_DEPENDENT_LAYERS = (
+    ("box_head", "cls_score"),
+    ("box_head", "bbox_pred"),
+    ("mask_head", "mask_fcn_logits"),  # FCN mask head
+    ("mask_head", "mask_logits"),  # MLP mask head
+)
+
+
+def is_class_dependent(path: tuple[str, ...]) -> bool:
+    """path: (collection, module, ..., leaf)."""
+    return tuple(path[1:3]) in CLASS_DEPENDENT_LAYERS
+
+
+@dataclasses.dataclass
+class MergeReport:
+    """What `merge_pretrained` did, as "collection/module/.../leaf" names."""
+
+    loaded: list[str]
+    reinitialized: list[str]  # class-dependent variables whose imported shape did not fit
+    kept_initial: list[str]  # variables the import does not cover
+
+    def summary(self) -> str:
+        layers = sorted({"/".join(name.split("/")[1:-1]) for name in self.reinitialized})
+        return (f"loaded {len(self.loaded)} variables, re-initialised {len(self.reinitialized)} class-dependent "
+                f"variables ({', '.join(layers) or 'none'}), kept the initialisation of {len(self.kept_initial)}")
+
+
+def merge_pretrained(fresh: Mapping[str, Any], imported: Mapping[str, Any]) -> tuple[dict, MergeReport]:
+    """fresh: variables from `model.init` (the target shapes); imported: the output of an importer.
+
+    Returns (variables, report): the fresh tree with every fitting imported leaf in its place (as float32 arrays of
+    the same kind the fresh tree holds) and what happened to each variable. Logs the re-initialised layers.
+    Raises ValueError for imported variables the model does not have, and for shape mismatches outside the
+    class-dependent layers.
+    """
+    fresh_flat = flatten(fresh)
+    imported_flat = flatten(imported)
+    extra = sorted("/".join(path) for path in imported_flat if path not in fresh_flat)
+    if extra:
+        raise ValueError(f"{len(extra)} imported variables do not exist in this model (check the config's depth, "
+                         f"norm and heads): {extra[:10]}")
+    merged, loaded, reinitialized, kept = {}, [], [], []
+    for path, initial in fresh_flat.items():
+        name = "/".join(path)
+        if path not in imported_flat:
+            merged[path] = initial
+            kept.append(name)
+            continue
+        value = np.asarray(imported_flat[path])
+        if tuple(value.shape) == tuple(initial.shape):
+            merged[path] = jax.numpy.asarray(value, dtype=initial.dtype)
+            loaded.append(name)
+        elif is_class_dependent(path):
+            merged[path] = initial
+            reinitialized.append(name)
+            logger.warning("re-initialised %s: checkpoint shape %s, model shape %s (different number of classes)",
+                           name, tuple(value.shape), tuple(initial.shape))
+        else:
+            raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} does not fit the model's "
+                             f"{tuple(initial.shape)}, and it is not a class-dependent layer")
+    report = MergeReport(loaded, reinitialized, kept)
+    logger.info("merge_pretrained: %s", report.summary())
+    return unflatten(merged), report
+
+
+def missing_variables(template: Mapping[str, Any], imported: Mapping[str, Any]) -> list[str]:
+    """Variables of `template` (e.g. `jax.eval_shape(model.init, ...)`) that `imported` does not provide."""
+    imported_flat = flatten(imported)
+    return sorted("/".join(path) for path in flatten(template) if path not in imported_flat)

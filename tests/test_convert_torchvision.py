@@ -1,0 +1,158 @@
+"""Full-model parity: torchvision's maskrcnn_resnet50_fpn and ours with its converted weights, on a real photograph.
+
+The photograph is matplotlib's sample image grace_hopper.jpg (600 x 512, RGB), which ships in the matplotlib wheel
+(a declared dependency). torchvision's model is built with `weights=None` from a fixed torch seed. Its BatchNorm
+statistics and affine parameters are then drawn at random, and so are the biases of the FPN and heads (torchvision
+initialises them to the identity and zeros, which would leave half of the conversion untested). The randomised
+statistics also make the random classifier confident. Its top scores lie between 0.9 and 1, well above the 0.05
+threshold, so the detection stage is exercised with the real thresholds on both sides, and no weight is rescaled.
+
+Preprocessing is done once, by torchvision's own GeneralizedRCNNTransform: normalise, resize to 800 / 1333 (937 x
+800 here), and pad to a multiple of 32 (960 x 800). Both models get that same tensor, so our canvas equals
+torchvision's padded batch and the anchors agree exactly. One jitted function computes every stage on our side
+(XLA shares the backbone between them), so there is one compile.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskrcnn_jax import ops
+from maskrcnn_jax.convert import from_torchvision
+from maskrcnn_jax.convert.__main__ import default_config
+from maskrcnn_jax.modeling.mask_rcnn import build_model
+
+TOP = 50
+
+
+def grace_hopper():
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        return np.array(image.convert("RGB"))
+
+
+def randomize_torchvision_model(torch, model):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buffer in model.backbone.body.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0, generator=generator)
+            elif name.endswith("running_mean"):
+                buffer.normal_(0.0, 0.2, generator=generator)
+        for name, parameter in model.named_parameters():
+            is_norm = name.startswith("backbone.body.") and parameter.ndim == 1
+            if is_norm and name.endswith("weight"):
+                parameter.uniform_(0.5, 1.5, generator=generator)
+            elif name.endswith("bias"):
+                parameter.normal_(0.0, 0.2 if is_norm else 0.05, generator=generator)
+
+
+def our_stages(module, images, image_sizes, torch_proposals):
+    """Every stage the test compares, from one trace: FPN levels, proposals, box-head logits on torchvision's own
+    proposals (so that stage is checked on identical inputs), and the final predictions."""
+    levels = module._features(images, False)
+    _, _, proposals, proposal_valid = module._proposals(levels, images, image_sizes, False)
+    class_logits, _ = module.box_head(module._pool(levels, torch_proposals, module.config.roi_heads.box_pool_size))
+    return levels, proposals, proposal_valid, class_logits, module.predict(images, image_sizes)
+
+
+@pytest.fixture(scope="module")
+def parity_run():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    reference = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    randomize_torchvision_model(torch, reference)
+    photo = grace_hopper()
+    with torch.no_grad():
+        image_list, _ = reference.transform([torch.from_numpy(photo).permute(2, 0, 1).float() / 255])
+        features = reference.backbone(image_list.tensors)
+        proposals, _ = reference.rpn(image_list, features)
+        detections, _ = reference.roi_heads(features, proposals, image_list.image_sizes)
+        pooled = reference.roi_heads.box_roi_pool(features, proposals, image_list.image_sizes)
+        class_logits, _ = reference.roi_heads.box_predictor(reference.roi_heads.box_head(pooled))
+
+    config = default_config("torchvision")
+    model = build_model(config.model)
+    variables = from_torchvision(reference.state_dict(), norm=config.model.backbone.norm)
+    images = jnp.asarray(image_list.tensors.numpy().transpose(0, 2, 3, 1))
+    image_sizes = jnp.asarray(image_list.image_sizes, jnp.int32)
+    run = jax.jit(lambda v, x, s, p: model.apply(v, x, s, p, method=our_stages))
+    levels, ours_proposals, ours_valid, ours_logits, predictions = jax.device_get(
+        run(variables, images, image_sizes, jnp.asarray(proposals[0].numpy())[None])
+    )
+    first = lambda x: np.asarray(x[0])
+    return {
+        "photo_size": photo.shape[:2],
+        "input_size": tuple(image_list.image_sizes[0]),
+        "torch_levels": [features[k][0].numpy().transpose(1, 2, 0) for k in ("0", "1", "2", "3", "pool")],
+        "ours_levels": [first(level) for level in levels],
+        "torch_proposals": proposals[0].numpy(),
+        "ours_proposals": first(ours_proposals)[first(ours_valid)],
+        "torch_logits": class_logits.numpy(),
+        "ours_logits": first(ours_logits),
+        "torch": {key: value.numpy() for key, value in detections[0].items()},
+        "ours": {key: first(value) for key, value in predictions.items()},
+    }
+
+
+def test_fpn_features_match(parity_run):
+    for level, (expected, actual) in enumerate(zip(parity_run["torch_levels"], parity_run["ours_levels"]), 2):
+        assert expected.shape == actual.shape, f"P{level}"
+        error = np.abs(expected - actual).max() / np.abs(expected).max()
+        assert error < 1e-4, f"P{level}: relative error {error:.2e}"
+
+
+def test_rpn_proposals_match(parity_run):
+    expected, actual = parity_run["torch_proposals"], parity_run["ours_proposals"]
+    assert len(expected) == len(actual) == 1000
+    # The same boxes: each torchvision proposal has its own counterpart within 0.1 px (float32 rounding in box
+    # decoding grows with the box: the largest errors are ~0.04 px on image-sized boxes).
+    distance = np.abs(expected[:, None, :] - actual[None, :, :]).max(-1)
+    nearest = distance.argmin(1)
+    assert distance.min(1).max() < 0.1
+    assert len(set(nearest.tolist())) == len(expected)
+    # In the same order, up to swaps of neighbours whose scores tie within float32 rounding.
+    assert np.abs(nearest - np.arange(len(expected))).max() <= 1
+    assert (nearest == np.arange(len(expected))).mean() > 0.98
+
+
+def test_box_head_logits_match(parity_run):
+    expected, actual = parity_run["torch_logits"], parity_run["ours_logits"]
+    assert expected.shape == actual.shape == (1000, 91)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_top_detections_match(parity_run):
+    expected, actual = parity_run["torch"], parity_run["ours"]
+    assert len(expected["scores"]) >= TOP and actual["valid"][:TOP].all()
+    np.testing.assert_array_equal(actual["classes"][:TOP], expected["labels"][:TOP])
+    np.testing.assert_allclose(actual["scores"][:TOP], expected["scores"][:TOP], atol=1e-3)
+    np.testing.assert_allclose(actual["boxes"][:TOP], expected["boxes"][:TOP], atol=0.5)
+
+
+def test_top_masks_match(parity_run):
+    """The 28 x 28 probabilities agree, and so do the masks pasted into the original photograph (ops.paste_masks).
+
+    Both are pasted into torchvision's boxes: box agreement is test_top_detections_match's job, and the random mask
+    head draws 2x2 checkerboards (its transposed conv) that alias when a box is smaller than 28 pixels, so a box
+    edge moving by 1e-3 px can flip a whole row of pixels there. One sampling grid for both keeps this a test of
+    the masks.
+    """
+    expected, actual = parity_run["torch"], parity_run["ours"]
+    np.testing.assert_allclose(actual["masks"][:TOP], expected["masks"][:TOP, 0], atol=1e-2)
+    height, width = parity_run["photo_size"]
+    input_h, input_w = parity_run["input_size"]
+    boxes = expected["boxes"][:TOP] * np.asarray([width / input_w, height / input_h] * 2, np.float32)
+    paste = jax.jit(lambda masks: ops.paste_masks(masks, boxes, (height, width)))
+    expected_masks = np.asarray(paste(expected["masks"][:TOP, 0]))
+    actual_masks = np.asarray(paste(actual["masks"][:TOP]))
+    intersection = (expected_masks & actual_masks).sum((1, 2))
+    union = (expected_masks | actual_masks).sum((1, 2))
+    # Random weights leave some masks below 0.5 everywhere: empty on both sides counts as agreement.
+    assert (union > 0).sum() >= TOP // 2, "too few non-empty masks for the comparison to mean anything"
+    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+    assert iou.min() >= 0.95, f"mask IoUs {np.sort(iou)[:5]}"
