@@ -201,7 +201,7 @@ def test_torchvision_parity_score_ties_and_nan(rng):
 
 
 def test_torchvision_parity_many_boxes(rng):
-    """Past 65,536 boxes the (rank, index) pair no longer packs into one uint32 and the sort takes another path."""
+    """Past 65,536 boxes a position no longer fits in 16 bits, and the ranking sort takes another path."""
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     boxes, scores = clustered_boxes(rng, 70000, num_clusters=100)

@@ -24,6 +24,9 @@ import numpy as np
 from jax import lax
 
 DEFAULT_BLOCK_SIZE = 256
+# Kept boxes are visited in tiles this long. Small tiles let a block stop early once all its candidates are
+# suppressed (the common case under heavy overlap); the per-iteration overhead caps how small is useful.
+_KEPT_TILE = 64
 
 
 def nms(boxes, scores, iou_threshold, max_output, valid=None, block_size=DEFAULT_BLOCK_SIZE):
@@ -134,13 +137,16 @@ def _rank_order(scores, valid):
     # it and stays inside (int32 min, int32 max), which are left for NaN scores and invalid boxes.
     descending = ~jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     key = jnp.where(valid, jnp.where(jnp.isnan(scores), jnp.iinfo(jnp.int32).min, descending), jnp.iinfo(jnp.int32).max)
-    if num_boxes * num_boxes > 2**32:
+    if num_boxes > 2**16:
         return lax.sort((key, lax.iota(jnp.int32, num_boxes)), num_keys=1, is_stable=True)[1]
-    # XLA's CPU sort is several times faster for one 32-bit operand than for a (key, index) pair, so pack the
-    # pair into one uint32: (number of smaller keys) * N + index orders like a stable sort by key.
-    smaller_keys = jnp.searchsorted(lax.sort(key), key, side="left").astype(jnp.uint32)
-    packed = smaller_keys * jnp.uint32(num_boxes) + lax.iota(jnp.uint32, num_boxes)
-    return (lax.sort(packed) % jnp.uint32(num_boxes)).astype(jnp.int32)
+    # XLA's CPU sort is several times faster for one 32-bit operand than for a (key, index) pair. So sort by the
+    # key 16 bits at a time (least significant half first), each pass packing (half key, position) into one
+    # uint32: ties within a pass keep the previous order, which makes the two passes a stable sort by key.
+    unsigned_key = lax.bitcast_convert_type(key, jnp.uint32) ^ jnp.uint32(0x80000000)
+    position = lax.iota(jnp.uint32, num_boxes)
+    by_low_half = lax.sort((unsigned_key << 16) | position) & 0xFFFF
+    by_key = lax.sort((unsigned_key[by_low_half] >> 16 << 16) | position) & 0xFFFF
+    return by_low_half[by_key].astype(jnp.int32)
 
 
 def _blocked_greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output, block_size):
@@ -161,8 +167,9 @@ def _blocked_greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output
     block = min(block_size, _round_up(num_boxes, 8))
     num_blocks = math.ceil(num_boxes / block)
     padded = num_blocks * block
+    tile = min(_KEPT_TILE, block)
     # Kept boxes never exceed min(max_output, N) before the loop stops; whole tiles keep slicing in bounds.
-    capacity = _round_up(min(max_output, num_boxes), block)
+    capacity = _round_up(min(max_output, num_boxes), tile)
 
     order = _rank_order(scores, valid)
 
@@ -174,18 +181,19 @@ def _blocked_greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output
 
     def survivors_of_kept(candidates, alive, count, kept):
         """Drop the candidates that an already-kept box overlaps; visits only the filled kept tiles."""
-        num_tiles = (count + block - 1) // block
+        num_tiles = (count + tile - 1) // tile
 
         def cond(state):
-            tile, alive = state
-            return (tile < num_tiles) & jnp.any(alive)
+            tile_index, alive = state
+            return (tile_index < num_tiles) & jnp.any(alive)
 
         def body(state):
-            tile, alive = state
-            start = tile * block
-            hits = _overlap_exceeds(candidates, kept.slice(start, block), threshold)
-            hits &= (start + jnp.arange(block) < count)[None, :]
-            return tile + 1, alive & ~jnp.any(hits, axis=1)
+            tile_index, alive = state
+            start = tile_index * tile
+            # [tile, block], reduced over the leading axis: an elementwise OR of rows, which vectorizes well.
+            hits = _overlap_exceeds(kept.slice(start, tile), candidates, threshold)
+            hits &= (start + jnp.arange(tile) < count)[:, None]
+            return tile_index + 1, alive & ~jnp.any(hits, axis=0)
 
         return lax.while_loop(cond, body, (jnp.int32(0), alive))[1]
 
@@ -205,12 +213,17 @@ def _blocked_greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output
         start = block_index * block
         candidates = ranked.slice(start, block)
         alive = survivors_of_kept(candidates, lax.dynamic_slice_in_dim(ranked_valid, start, block), count, kept)
-        keep = lax.cond(jnp.any(alive), greedy_within_block, lambda _, alive: alive, candidates, alive)
 
-        # Append in order; slots past the buffer (beyond max_output) are dropped.
-        slot = jnp.where(keep, count + jnp.cumsum(keep) - 1, capacity)
-        kept = jax.tree.map(lambda buffer, new: buffer.at[slot].set(new, mode="drop"), kept, candidates)
-        return block_index + 1, count + jnp.sum(keep, dtype=jnp.int32), kept
+        def keep_and_append(count, kept):
+            keep = greedy_within_block(candidates, alive)
+            # Append in order; slots past the buffer (beyond max_output) are dropped.
+            slot = jnp.where(keep, count + jnp.cumsum(keep) - 1, capacity)
+            kept = jax.tree.map(lambda buffer, new: buffer.at[slot].set(new, mode="drop"), kept, candidates)
+            return count + jnp.sum(keep, dtype=jnp.int32), kept
+
+        # Most blocks die entirely under heavy overlap; skip their within-block work and the appends.
+        count, kept = lax.cond(jnp.any(alive), keep_and_append, lambda count, kept: (count, kept), count, kept)
+        return block_index + 1, count, kept
 
     def more_to_do(state):
         block_index, count, _ = state
