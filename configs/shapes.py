@@ -54,7 +54,7 @@ def get_config():
     t.log_every = 25
     t.checkpoint_every = 250
     t.max_checkpoints_to_keep = 2
-    t.eval_every = 0  # once, at the end
+    t.eval_every = 0  # once, at the end (train.final_eval)
 
     e = config.eval
     e.batch_size = 4

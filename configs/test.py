@@ -47,5 +47,5 @@ def get_config():
 
     e = config.eval
     e.batch_size = 2
-    e.max_dets = 8
+    e.max_dets = 10
     return config

@@ -71,12 +71,13 @@ def base_config() -> ml_collections.ConfigDict:
     train.log_every = 20
     train.checkpoint_every = 5000
     train.max_checkpoints_to_keep = 3  # the latest ones; the best by mask AP is kept besides
-    train.eval_every = 10_000  # 0: evaluate only at the end
+    train.eval_every = 10_000  # 0: no periodic evaluation
+    train.final_eval = True  # evaluate after the last step
     train.eval_only = False  # evaluate the latest checkpoint (or fresh weights) and stop
 
     evaluation = config.eval = ml_collections.ConfigDict()
     evaluation.batch_size = 8  # global
-    evaluation.max_dets = 100  # COCOeval's third maxDets (AP and AR100 use it)
+    evaluation.max_dets = 100  # COCOeval's third maxDets (AP and AR100 use it), at least 10
     evaluation.mask_threshold = 0.5
     evaluation.num_overlays = 0  # PNGs of predictions on the first validation images, in WORKDIR/overlays
     evaluation.overlay_score_threshold = 0.5
@@ -94,6 +95,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.lr_steps must be increasing, got {t.lr_steps}")
     if t.checkpoint_every < 1 or t.log_every < 1:
         raise ValueError("train.checkpoint_every and train.log_every must be positive")
+    if config.eval.max_dets < 10:
+        raise ValueError(f"eval.max_dets must be at least 10, got {config.eval.max_dets}")
     canvas = tuple(config.data.canvas_size)
     stride = max(config.model.anchors.strides)
     if any(side % stride for side in canvas):

@@ -69,6 +69,8 @@ def run_cocoeval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: 
                  image_ids: Iterable[int] | None = None, max_dets: int = 100) -> COCOeval:
     """COCOeval of `results` (COCO result dicts) for iou_type 'bbox' or 'segm', restricted to `image_ids`,
     with maxDets (1, 10, max_dets). Returns the evaluator after evaluate and accumulate."""
+    if max_dets < 10:
+        raise ValueError(f"max_dets must be at least 10 (COCOeval sorts maxDets (1, 10, max_dets)), got {max_dets}")
     coco_dt = load_results(coco_gt, [r for r in results if iou_type != "segm" or "segmentation" in r])
     evaluator = COCOeval(coco_gt, coco_dt, iou_type)
     if image_ids is not None:

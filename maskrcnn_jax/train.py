@@ -386,9 +386,9 @@ def _check_batch_size(batch_size: int, name: str, mesh: Mesh) -> int:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
-    """Trains `config.train.num_steps` steps (resuming from WORKDIR/checkpoints), evaluating every
-    `train.eval_every` steps and at the end; with `train.eval_only` only evaluates. Returns the last
-    evaluation's metrics (see evaluation.METRIC_KEYS)."""
+    """Trains up to `config.train.num_steps` steps (resuming from WORKDIR/checkpoints), evaluating every
+    `train.eval_every` steps and after the last (`train.final_eval`); with `train.eval_only` only evaluates.
+    The last step is always checkpointed. Returns the last evaluation's metrics (evaluation.METRIC_KEYS) or None."""
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
@@ -440,13 +440,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             is_last = step == num_steps
             if step % config.train.log_every == 0 or is_last:
                 progress.flush()
-            evaluate_now = is_last or (config.train.eval_every > 0 and step % config.train.eval_every == 0)
+            evaluate_now = ((is_last and config.train.final_eval)
+                            or (config.train.eval_every > 0 and step % config.train.eval_every == 0))
             if evaluate_now:
                 progress.check()
                 metrics = evaluator.evaluate(state.variables(), step)
                 writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
                 save_checkpoint(manager, state, iterator.batches_consumed, metrics)
-            elif step % config.train.checkpoint_every == 0:
+            elif step % config.train.checkpoint_every == 0 or is_last:
                 progress.check()
                 save_checkpoint(manager, state, iterator.batches_consumed)
             if not is_last and preemption.should_stop(step):

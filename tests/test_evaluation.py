@@ -1,0 +1,188 @@
+"""COCO evaluation: our metrics equal a direct pycocotools call on handmade detections, and detections make the
+round trip canvas -> original pixels -> dataset category ids -> RLE -> COCOeval."""
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from maskrcnn_jax import evaluation
+from maskrcnn_jax.data.coco_format import CategoryMap
+
+# Non-contiguous ids, as COCO's 1..90 with gaps.
+CATEGORY_IDS = (3, 17, 42)
+CATEGORIES = CategoryMap(CATEGORY_IDS, ("cat", "dog", "owl"))
+
+
+def rle(mask):
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    encoded["counts"] = encoded["counts"].decode("ascii")
+    return encoded
+
+
+def make_ground_truth(rng, num_images=6):
+    """Random rectangles and ellipses (some crowd, some tiny/large) on images of random sizes."""
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        height, width = (int(v) for v in rng.integers(60, 400, size=2))
+        images.append({"id": image_id * 7, "file_name": f"{image_id}.jpg", "height": height, "width": width})
+        for _ in range(rng.integers(0, 5)):
+            x1, y1 = rng.uniform(0, width - 10), rng.uniform(0, height - 10)
+            x2, y2 = rng.uniform(x1 + 4, width), rng.uniform(y1 + 4, height)
+            yy, xx = np.mgrid[:height, :width] + 0.5
+            if rng.uniform() < 0.5:
+                mask = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+            else:
+                cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+                mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+            if not mask.any():
+                continue
+            ys, xs = np.nonzero(mask)
+            box = [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id * 7,
+                                "category_id": int(rng.choice(CATEGORY_IDS)), "bbox": box,
+                                "area": float(mask.sum()), "iscrowd": int(rng.uniform() < 0.1),
+                                "segmentation": rle(mask)})
+    dataset = {"images": images, "annotations": annotations,
+               "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CATEGORIES.names)]}
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def jitter_results(coco, rng):
+    """Detections near the ground truth (and some false positives), with random scores."""
+    results = []
+    for annotation in coco.dataset["annotations"]:
+        image = coco.imgs[annotation["image_id"]]
+        for _ in range(rng.integers(0, 3)):
+            x, y, w, h = annotation["bbox"]
+            dx, dy = rng.normal(0, 0.1 * w), rng.normal(0, 0.1 * h)
+            box = [x + dx, y + dy, w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)]
+            mask = np.zeros((image["height"], image["width"]), bool)
+            x1, y1 = int(max(box[0], 0)), int(max(box[1], 0))
+            mask[y1:int(box[1] + box[3]), x1:int(box[0] + box[2])] = True
+            category = annotation["category_id"] if rng.uniform() < 0.8 else int(rng.choice(CATEGORY_IDS))
+            results.append({"image_id": annotation["image_id"], "category_id": category, "bbox": box,
+                            "score": float(rng.uniform()), "segmentation": rle(mask)})
+    return results
+
+
+def direct_stats(coco, results, iou_type, image_ids=None):
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats
+
+
+def test_metrics_equal_a_direct_pycocotools_call(rng):
+    coco = make_ground_truth(rng)
+    results = jitter_results(coco, rng)
+    assert results
+    metrics, per_class = evaluation.coco_metrics(coco, results, max_dets=100)
+    assert list(metrics) == list(evaluation.METRIC_KEYS)
+    for iou_type in ("bbox", "segm"):
+        expected = direct_stats(coco, results, iou_type)
+        ours = [metrics[f"{iou_type}_{name}"] for name in evaluation.STAT_NAMES]
+        np.testing.assert_array_equal(ours, expected)
+        assert set(per_class[iou_type]) == set(CATEGORY_IDS)
+
+
+def test_image_subset_matches_pycocotools_image_ids(rng):
+    coco = make_ground_truth(rng)
+    results = jitter_results(coco, rng)
+    subset = sorted(coco.getImgIds())[:3]
+    metrics, _ = evaluation.coco_metrics(coco, [r for r in results if r["image_id"] in subset], subset)
+    expected = direct_stats(coco, [r for r in results if r["image_id"] in subset] or results, "bbox", subset)
+    np.testing.assert_array_equal([metrics[f"bbox_{n}"] for n in evaluation.STAT_NAMES], expected)
+
+
+def test_configurable_max_dets_changes_every_ap(rng):
+    coco = make_ground_truth(rng, num_images=4)
+    results = jitter_results(coco, rng)
+    few, _ = evaluation.coco_metrics(coco, results, max_dets=10, iou_types=("bbox",))
+    many, _ = evaluation.coco_metrics(coco, results, max_dets=100, iou_types=("bbox",))
+    # pycocotools' own summarize reports -1 for AP whenever maxDets[2] != 100; ours uses the configured value.
+    assert 0 <= few["bbox_AP"] <= many["bbox_AP"]
+    assert few["bbox_AR100"] == few["bbox_AR10"]  # "AR100" is the AR at the configured maxDets
+    with pytest.raises(ValueError, match="max_dets"):
+        evaluation.coco_metrics(coco, results, max_dets=5)
+
+
+def test_per_class_ap_averages_to_the_overall_ap(rng):
+    coco = make_ground_truth(rng, num_images=8)
+    results = jitter_results(coco, rng)
+    metrics, per_class = evaluation.coco_metrics(coco, results)
+    values = [v for v in per_class["segm"].values() if not np.isnan(v)]
+    assert np.mean(values) == pytest.approx(metrics["segm_AP"])
+    table = evaluation.format_per_class_table(per_class, CATEGORIES)
+    assert all(name in table for name in CATEGORIES.names) and "42" in table
+
+
+def test_no_detections_score_zero_instead_of_crashing(rng):
+    coco = make_ground_truth(rng, num_images=3)
+    metrics, _ = evaluation.coco_metrics(coco, [])
+    assert all(metrics[k] in (0.0, -1.0) for k in evaluation.METRIC_KEYS)
+    assert metrics["bbox_AP"] == 0.0
+
+
+def test_detections_round_trip_to_original_pixels_and_dataset_ids(rng):
+    """Perfect predictions on the canvas (GT rectangles scaled into it, full masks) score AP 1 in both kinds,
+    and every result carries the dataset's own category id."""
+    height, width = 150, 230
+    scale = np.asarray([0.8, 0.8], np.float32)  # (sy, sx): canvas = original * scale
+    gt_boxes, labels, annotations = [], [], []
+    for k, (x1, y1, x2, y2) in enumerate([(10, 20, 60, 90), (100, 30, 200, 140), (150, 5, 225, 40)]):
+        label = k + 1
+        mask = np.zeros((height, width), bool)
+        mask[y1:y2, x1:x2] = True
+        annotations.append({"id": k + 1, "image_id": 5, "category_id": CATEGORIES.category_id(label),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(mask.sum()), "iscrowd": 0,
+                            "segmentation": rle(mask)})
+        gt_boxes.append((x1, y1, x2, y2))
+        labels.append(label)
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 5, "height": height, "width": width, "file_name": "5.jpg"}],
+                    "annotations": annotations,
+                    "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CATEGORIES.names)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+
+    slots = 6  # fixed-size model output with invalid padding slots
+    boxes = np.zeros((slots, 4), np.float32)
+    boxes[:3] = np.asarray(gt_boxes, np.float32) * np.tile(scale[::-1], 2)
+    predictions = {
+        "boxes": boxes,
+        "scores": np.asarray([0.9, 0.8, 0.7, 0.5, 0.4, 0.3], np.float32),
+        "classes": np.asarray(labels + [1, 2, 3], np.int32),
+        "masks": np.ones((slots, 28, 28), np.float32),
+        "valid": np.asarray([True, True, True, False, False, False]),
+    }
+    results, detections = evaluation.detections_to_results(
+        predictions, 5, (height, width), scale, CATEGORIES, evaluation.MaskPaster(0.5))
+    assert [r["category_id"] for r in results] == [3, 17, 42]
+    np.testing.assert_allclose([r["bbox"] for r in results], [a["bbox"] for a in annotations], atol=1e-4)
+    for result, annotation in zip(results, annotations):
+        # Equal up to the box-edge pixels, where bilinear pasting sits at the 0.5 threshold.
+        iou = mask_utils.iou([result["segmentation"]], [annotation["segmentation"]], [0])[0, 0]
+        assert iou > 0.98
+    assert detections["masks"].shape == (3, height, width)
+    metrics, _ = evaluation.coco_metrics(coco, results)
+    assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
+
+
+def test_boxes_to_original_divides_by_the_scale_and_clips():
+    boxes = np.asarray([[10, 20, 50, 60], [-5, -5, 400, 300]], np.float32)
+    out = evaluation.boxes_to_original(boxes, np.asarray([2.0, 0.5]), np.asarray([100, 120]))
+    np.testing.assert_allclose(out[0], [20, 10, 100, 30])
+    np.testing.assert_allclose(out[1], [0, 0, 120, 100])
