@@ -1,0 +1,438 @@
+"""Weight import: layout conversions against torch, the torchvision and detectron2 key layouts, fine-tuning merges
+and the command line. The full-model torchvision parity run is in test_convert_torchvision.py."""
+
+import logging
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskrcnn_jax.convert import (
+    from_detectron2,
+    from_torchvision,
+    load_detectron2_pickle,
+    merge_pretrained,
+    missing_variables,
+)
+from maskrcnn_jax.convert.__main__ import default_config
+from maskrcnn_jax.convert.layout import conv_transpose_kernel, dense_kernel_from_nchw_flatten, flatten
+from maskrcnn_jax.modeling.mask_rcnn import build_model
+from maskrcnn_jax.modeling.roi_heads import FCNMaskHead
+
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+CLASS_LAYERS = {"params/box_head/cls_score/kernel", "params/box_head/cls_score/bias", "params/box_head/bbox_pred/kernel",
+                "params/box_head/bbox_pred/bias", "params/mask_head/mask_fcn_logits/kernel",
+                "params/mask_head/mask_fcn_logits/bias"}
+
+
+def model_template(config):
+    """Abstract {"params", "batch_stats"} of the model `config` describes (shapes only, nothing computed)."""
+    model = build_model(config.model)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.asarray([[64, 64]]))
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+
+
+def assert_same_structure(template, variables):
+    flat_template, flat = flatten(template), flatten(variables)
+    assert sorted(flat_template) == sorted(flat)
+    for path, leaf in flat_template.items():
+        assert tuple(flat[path].shape) == tuple(leaf.shape), path
+
+
+# -- layouts against torch -------------------------------------------------------------------------------------
+
+
+def test_conv_transpose_kernel_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((2, 5, 4, 3), dtype=np.float32)  # NHWC
+    deconv = torch.nn.ConvTranspose2d(3, 6, 2, stride=2)
+    with torch.no_grad():
+        expected = deconv(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    import flax.linen as nn
+
+    layer = nn.ConvTranspose(6, (2, 2), strides=(2, 2), padding="VALID")
+    params = {"kernel": conv_transpose_kernel(deconv.weight.detach().numpy()), "bias": deconv.bias.detach().numpy()}
+    actual = layer.apply({"params": params}, x)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_first_fc_input_permutation_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    channels, side = 8, 7
+    pooled = rng.standard_normal((3, side, side, channels), dtype=np.float32)  # NHWC RoI features
+    linear = torch.nn.Linear(channels * side * side, 5)
+    with torch.no_grad():
+        expected = linear(torch.from_numpy(pooled.transpose(0, 3, 1, 2)).flatten(1)).numpy()
+    kernel = dense_kernel_from_nchw_flatten(linear.weight.detach().numpy(), channels)
+    actual = pooled.reshape(3, -1) @ kernel + linear.bias.detach().numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_head_matches_torchvision(rng):
+    """torchvision's MaskRCNNHeads + MaskRCNNPredictor against our FCNMaskHead with converted weights."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    heads, predictor = MaskRCNNHeads(16, [16, 16, 16, 16], 1), MaskRCNNPredictor(16, 16, 5)
+    state = {f"roi_heads.mask_head.{k}": v for k, v in heads.state_dict().items()}
+    state.update({f"roi_heads.mask_predictor.{k}": v for k, v in predictor.state_dict().items()})
+    with torch.no_grad():
+        for value in state.values():
+            value.normal_(0.0, 0.2)
+    # The mask-head keys alone, plus the two keys that make a state dict read as a detection model.
+    converted = {"params": from_torchvision({**_tiny_detection_keys(), **state})["params"]["mask_head"]}
+    x = rng.standard_normal((3, 14, 14, 16), dtype=np.float32)
+    with torch.no_grad():
+        expected = predictor(heads(torch.from_numpy(x.transpose(0, 3, 1, 2)))).numpy().transpose(0, 2, 3, 1)
+    actual = FCNMaskHead(num_masks=5, conv_dim=16).apply({"params": converted["params"]}, x)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_detection_keys():
+    """The smallest state dict that reads as a torchvision detection model (an FPN lateral gives its width)."""
+    return {"backbone.body.conv1.weight": np.zeros((4, 3, 7, 7), np.float32),
+            "backbone.fpn.inner_blocks.0.0.weight": np.zeros((16, 4, 1, 1), np.float32)}
+
+
+# -- torchvision layouts ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torchvision_state_dict():
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    return {key: value.numpy() for key, value in model.state_dict().items()}
+
+
+def coco_v1_layout(state_dict):
+    """The key names of the released COCO_V1 file (torchvision <= 0.12 modules; current torchvision upgrades them
+    in _load_from_state_dict): no Conv2dNormActivation wrappers and named mask_fcn layers; FrozenBN without a step
+    counter."""
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        for i in range(4):
+            key = key.replace(f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}.")
+            key = key.replace(f"backbone.fpn.inner_blocks.{i}.0.", f"backbone.fpn.inner_blocks.{i}.")
+            key = key.replace(f"backbone.fpn.layer_blocks.{i}.0.", f"backbone.fpn.layer_blocks.{i}.")
+        renamed[key] = value
+    return renamed
+
+
+def test_torchvision_maskrcnn_covers_every_variable(torchvision_state_dict):
+    config = default_config("torchvision")
+    variables = from_torchvision(torchvision_state_dict)
+    assert_same_structure(model_template(config), variables)
+    count = sum(v.size for v in jax.tree_util.tree_leaves(variables))
+    assert count == 44_507_633  # torchvision's parameter count (num_batches_tracked aside)
+
+
+def test_torchvision_coco_v1_layout_converts_the_same(torchvision_state_dict):
+    current = flatten(from_torchvision(torchvision_state_dict))
+    released = flatten(from_torchvision(coco_v1_layout(torchvision_state_dict)))
+    assert sorted(current) == sorted(released)
+    for path in current:
+        np.testing.assert_array_equal(current[path], released[path])
+
+
+def test_torchvision_bn_norm_puts_affine_in_params(torchvision_state_dict):
+    variables = from_torchvision(torchvision_state_dict, norm="bn")
+    config = default_config("torchvision")
+    config.model.backbone.norm = "bn"
+    assert_same_structure(model_template(config), variables)
+
+
+def test_torchvision_unknown_keys_raise(torchvision_state_dict):
+    with pytest.raises(ValueError, match="no counterpart"):
+        from_torchvision({**torchvision_state_dict, "roi_heads.keypoint_head.0.weight": np.zeros((1, 1, 1, 1))})
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_torchvision_imagenet_resnet_is_the_backbone_body(depth):
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    imported = from_torchvision(resnet.state_dict())
+    config = default_config("torchvision")
+    config.model.backbone.depth = depth
+    template = model_template(config)
+    missing = missing_variables(template, imported)
+    assert missing and all(not name.startswith(("params/backbone/body", "batch_stats/backbone/body"))
+                           for name in missing)
+    assert {name.split("/")[1] for name in missing} == {"backbone", "rpn_head", "box_head", "mask_head"}
+    fresh = jax.tree.map(lambda s: jnp.full(s.shape, -7.0, s.dtype), template)
+    merged, report = merge_pretrained(fresh, imported)
+    assert report.reinitialized == [] and sorted(report.kept_initial) == missing
+    kernel = merged["params"]["backbone"]["body"]["layer3"]["block_0"]["conv2"]["kernel"]
+    np.testing.assert_array_equal(kernel, resnet.layer3[0].conv2.weight.detach().numpy().transpose(2, 3, 1, 0))
+    assert float(merged["params"]["box_head"]["fc6"]["kernel"][0, 0]) == -7.0
+
+
+# -- detectron2 layouts ----------------------------------------------------------------------------------------
+
+
+def detectron2_zoo_shapes(depth=50, num_classes=80):
+    """{name: shape} of a detectron2 model-zoo Mask R-CNN R-{depth}-FPN checkpoint (e.g. model_final_f10217.pkl).
+
+    The names are those detectron2's modules register: modeling/backbone/resnet.py (BasicStem `stem.conv1`,
+    BottleneckBlock `conv1..3` and `shortcut`, every Conv2d with a FrozenBatchNorm2d `.norm`), backbone/fpn.py
+    (`fpn_lateral{2-5}`, `fpn_output{2-5}`), proposal_generator/rpn.py StandardRPNHead (`conv`,
+    `objectness_logits`, `anchor_deltas`), roi_heads/box_head.py FastRCNNConvFCHead (`fc1`, `fc2`),
+    roi_heads/fast_rcnn.py FastRCNNOutputLayers (`cls_score` K+1 rows, `bbox_pred` 4K rows), roi_heads/mask_head.py
+    MaskRCNNConvUpsampleHead (`mask_fcn1..4`, `deconv`, `predictor` K channels). Files written before detectron2
+    made them non-persistent also hold the `pixel_mean` / `pixel_std` buffers [3, 1, 1].
+    """
+    shapes = {"pixel_mean": (3, 1, 1), "pixel_std": (3, 1, 1)}
+
+    def conv(name, out_channels, in_channels, kernel, norm=True, bias=False):
+        shapes[f"{name}.weight"] = (out_channels, in_channels, kernel, kernel)
+        if bias:
+            shapes[f"{name}.bias"] = (out_channels,)
+        if norm:
+            for leaf in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{name}.norm.{leaf}"] = (out_channels,)
+
+    body = "backbone.bottom_up"
+    conv(f"{body}.stem.conv1", 64, 3, 7)
+    in_channels = 64
+    for stage, blocks in enumerate(RESNET_BLOCKS[depth]):
+        planes = 64 * 2**stage
+        for block in range(blocks):
+            prefix = f"{body}.res{stage + 2}.{block}"
+            if block == 0:
+                conv(f"{prefix}.shortcut", planes * 4, in_channels, 1)
+            conv(f"{prefix}.conv1", planes, in_channels, 1)
+            conv(f"{prefix}.conv2", planes, planes, 3)
+            conv(f"{prefix}.conv3", planes * 4, planes, 1)
+            in_channels = planes * 4
+    for level in range(2, 6):
+        conv(f"backbone.fpn_lateral{level}", 256, 64 * 2 ** (level - 2) * 4, 1, norm=False, bias=True)
+        conv(f"backbone.fpn_output{level}", 256, 256, 3, norm=False, bias=True)
+    conv("proposal_generator.rpn_head.conv", 256, 256, 3, norm=False, bias=True)
+    conv("proposal_generator.rpn_head.objectness_logits", 3, 256, 1, norm=False, bias=True)
+    conv("proposal_generator.rpn_head.anchor_deltas", 12, 256, 1, norm=False, bias=True)
+    for name, (out_features, in_features) in {"box_head.fc1": (1024, 256 * 7 * 7), "box_head.fc2": (1024, 1024),
+                                              "box_predictor.cls_score": (num_classes + 1, 1024),
+                                              "box_predictor.bbox_pred": (4 * num_classes, 1024)}.items():
+        shapes[f"roi_heads.{name}.weight"] = (out_features, in_features)
+        shapes[f"roi_heads.{name}.bias"] = (out_features,)
+    for i in range(1, 5):
+        conv(f"roi_heads.mask_head.mask_fcn{i}", 256, 256, 3, norm=False, bias=True)
+    shapes["roi_heads.mask_head.deconv.weight"] = (256, 256, 2, 2)  # ConvTranspose2d: [in, out, kh, kw]
+    shapes["roi_heads.mask_head.deconv.bias"] = (256,)
+    conv("roi_heads.mask_head.predictor", num_classes, 256, 1, norm=False, bias=True)
+    return shapes
+
+
+def msra_caffe2_shapes(depth=50):
+    """{blob: shape} of the MSRA ImageNet R-{depth}.pkl (Detectron's Caffe2 names, which detectron2's
+    convert_basic_c2_names reads): conv1_w, res_conv1_bn_{s,b}, res{2-5}_{b}_branch{1,2a,2b,2c}_{w,bn_s,bn_b},
+    the ImageNet classifier fc1000_{w,b}, and (in some copies) optimizer momentum blobs."""
+    shapes = {"conv1_w": (64, 3, 7, 7), "res_conv1_bn_s": (64,), "res_conv1_bn_b": (64,),
+              "fc1000_w": (1000, 2048), "fc1000_b": (1000,), "conv1_w_momentum": (64, 3, 7, 7)}
+    in_channels = 64
+    for stage, blocks in enumerate(RESNET_BLOCKS[depth]):
+        planes = 64 * 2**stage
+        for block in range(blocks):
+            prefix = f"res{stage + 2}_{block}"
+            branches = {"branch2a": (planes, in_channels, 1), "branch2b": (planes, planes, 3),
+                        "branch2c": (planes * 4, planes, 1)}
+            if block == 0:
+                branches["branch1"] = (planes * 4, in_channels, 1)
+            for branch, (out_channels, cin, kernel) in branches.items():
+                shapes[f"{prefix}_{branch}_w"] = (out_channels, cin, kernel, kernel)
+                shapes[f"{prefix}_{branch}_bn_s"] = (out_channels,)
+                shapes[f"{prefix}_{branch}_bn_b"] = (out_channels,)
+            in_channels = planes * 4
+    return shapes
+
+
+def random_weights(shapes, rng):
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def test_detectron2_zoo_pickle_maps_every_key_to_one_variable(rng, tmp_path):
+    weights = random_weights(detectron2_zoo_shapes(), rng)
+    path = tmp_path / "model_final_f10217.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "Detectron2 Model Zoo"}, f)
+    loaded = load_detectron2_pickle(str(path))
+    assert sorted(loaded) == sorted(weights)
+    variables = from_detectron2(loaded)
+    assert_same_structure(model_template(default_config("detectron2")), variables)
+    # One variable per key (pixel_mean / pixel_std carry no weights): sizes add up, plus the zero background slots
+    # of the 4-delta box regressor and the mask predictor (1024 x 4 + 4 and 256 + 1 numbers).
+    imported = sum(v.size for k, v in weights.items() if not k.startswith("pixel_"))
+    assert sum(v.size for v in jax.tree_util.tree_leaves(variables)) == imported + 1024 * 4 + 4 + 256 + 1
+
+
+def test_detectron2_class_layout(rng):
+    weights = random_weights(detectron2_zoo_shapes(num_classes=80), rng)
+    params = from_detectron2(weights)["params"]
+    features = rng.standard_normal((5, 1024)).astype(np.float32)
+
+    def torch_linear(name):
+        return features @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
+
+    def ours(module):
+        return features @ params["box_head"][module]["kernel"] + params["box_head"][module]["bias"]
+
+    # Classifier: detectron2's background is its last logit, ours the first; class i is our label i + 1.
+    d2_logits, our_logits = torch_linear("roi_heads.box_predictor.cls_score"), ours("cls_score")
+    np.testing.assert_allclose(our_logits[:, 0], d2_logits[:, 80], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(our_logits[:, 1:], d2_logits[:, :80], rtol=1e-5, atol=1e-4)
+    # Box deltas: detectron2's class i (4 rows each, no background) is our slot i + 1; slot 0 is zero.
+    d2_deltas = torch_linear("roi_heads.box_predictor.bbox_pred").reshape(5, 80, 4)
+    our_deltas = ours("bbox_pred").reshape(5, 81, 4)
+    np.testing.assert_allclose(our_deltas[:, 1:], d2_deltas, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(our_deltas[:, 0], 0.0)
+    # Masks: channel i + 1 is detectron2's class i.
+    mask_kernel = params["mask_head"]["mask_fcn_logits"]["kernel"][0, 0]  # [256, 81]
+    np.testing.assert_array_equal(mask_kernel[:, 1:], weights["roi_heads.mask_head.predictor.weight"][:, :, 0, 0].T)
+    np.testing.assert_array_equal(mask_kernel[:, 0], 0.0)
+
+
+def test_detectron2_class_agnostic_box_regression_is_repeated(rng):
+    shapes = detectron2_zoo_shapes(num_classes=3)
+    shapes["roi_heads.box_predictor.bbox_pred.weight"], shapes["roi_heads.box_predictor.bbox_pred.bias"] = (4, 1024), (4,)
+    weights = random_weights(shapes, rng)
+    kernel = from_detectron2(weights)["params"]["box_head"]["bbox_pred"]["kernel"].reshape(1024, 4, 4)
+    for slot in range(4):
+        np.testing.assert_array_equal(kernel[:, slot], weights["roi_heads.box_predictor.bbox_pred.weight"].T)
+
+
+def test_detectron2_bgr_first_conv_reads_rgb(rng):
+    """With input_order="rgb", the first conv applied to an RGB image equals detectron2's on the BGR image."""
+    weights = random_weights(msra_caffe2_shapes(), rng)
+    image_rgb = rng.standard_normal((1, 16, 16, 3)).astype(np.float32)
+
+    def conv(kernel, image):
+        return jax.lax.conv_general_dilated(image, kernel, (2, 2), ((3, 3), (3, 3)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    rgb_kernel = from_detectron2(weights)["params"]["backbone"]["body"]["conv1"]["kernel"]
+    bgr_kernel = from_detectron2(weights, input_order="bgr")["params"]["backbone"]["body"]["conv1"]["kernel"]
+    np.testing.assert_array_equal(bgr_kernel, weights["conv1_w"].transpose(2, 3, 1, 0))
+    np.testing.assert_allclose(conv(rgb_kernel, image_rgb), conv(bgr_kernel, image_rgb[..., ::-1]), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_msra_caffe2_backbone(rng, tmp_path, depth):
+    weights = random_weights(msra_caffe2_shapes(depth), rng)
+    path = tmp_path / f"R-{depth}.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"blobs": weights}, f, protocol=2)
+    imported = from_detectron2(load_detectron2_pickle(str(path)))
+    config = default_config("detectron2")
+    config.model.backbone.depth = depth
+    missing = missing_variables(model_template(config), imported)
+    assert missing and not any("/body/" in name for name in missing)  # the whole body, nothing else
+    stats = imported["batch_stats"]["backbone"]["body"]["layer2"]["block_0"]["downsample_bn"]
+    np.testing.assert_array_equal(stats["weight"], weights["res3_0_branch1_bn_s"])
+    np.testing.assert_array_equal(stats["bias"], weights["res3_0_branch1_bn_b"])
+    np.testing.assert_array_equal(stats["running_mean"], 0.0)
+    np.testing.assert_array_equal(stats["running_var"], 1.0)
+    conv2 = imported["params"]["backbone"]["body"]["layer4"]["block_2"]["conv2"]["kernel"]
+    np.testing.assert_array_equal(conv2, weights["res5_2_branch2b_w"].transpose(2, 3, 1, 0))
+
+
+def test_detectron2_unknown_names_raise(rng):
+    weights = random_weights(msra_caffe2_shapes(), rng)
+    with pytest.raises(ValueError, match="unknown Caffe2 blob"):
+        from_detectron2({**weights, "res2_0_branch3_w": np.zeros((1, 1, 1, 1), np.float32)})
+    zoo = random_weights(detectron2_zoo_shapes(num_classes=2), rng)
+    with pytest.raises(ValueError, match="no counterpart"):
+        from_detectron2({**zoo, "roi_heads.keypoint_head.conv_fcn1.weight": np.zeros((1, 1, 3, 3), np.float32)})
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------------------
+
+
+def test_finetune_reinitialises_only_class_dependent_layers(rng, caplog):
+    weights = random_weights(detectron2_zoo_shapes(num_classes=80), rng)
+    imported = from_detectron2(weights)
+    config = default_config("detectron2")
+    config.model.num_classes = 4
+    fresh = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), model_template(config))
+    with caplog.at_level(logging.INFO, logger="maskrcnn_jax.convert.finetune"):
+        merged, report = merge_pretrained(fresh, imported)
+    assert set(report.reinitialized) == CLASS_LAYERS
+    assert report.kept_initial == []
+    logged = caplog.text
+    for name in CLASS_LAYERS:
+        assert name in logged
+        np.testing.assert_array_equal(flatten(merged)[tuple(name.split("/"))], 0.5)
+    fc7 = merged["params"]["box_head"]["fc7"]["kernel"]
+    np.testing.assert_array_equal(fc7, weights["roi_heads.box_head.fc2.weight"].T)
+
+
+def test_finetune_rejects_other_mismatches(rng):
+    imported = from_detectron2(random_weights(detectron2_zoo_shapes(), rng))
+    config = default_config("detectron2")
+    config.model.roi_heads.fc_dim = 512  # a class-independent layer of another size
+    with pytest.raises(ValueError, match="not a class-dependent layer"):
+        merge_pretrained(model_template(config), imported)
+    config = default_config("detectron2")
+    config.model.backbone.norm = "gn"  # GroupNorm has no running statistics to receive
+    with pytest.raises(ValueError, match="do not exist in this model"):
+        merge_pretrained(model_template(config), imported)
+
+
+# -- configs and the command line ------------------------------------------------------------------------------
+
+
+def test_torchvision_config_normalises_like_torchvision(rng):
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    config = default_config("torchvision")
+    transform = GeneralizedRCNNTransform(800, 1333, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    pixels = rng.integers(0, 256, (3, 8, 8)).astype(np.float32)
+    expected = transform.normalize(torch.from_numpy(pixels / 255)).numpy()
+    mean = np.asarray(config.data.pixel_mean, np.float32)[:, None, None]
+    std = np.asarray(config.data.pixel_std, np.float32)[:, None, None]
+    np.testing.assert_allclose((pixels - mean) / std, expected, rtol=1e-5, atol=1e-5)
+    assert (config.data.short_side, config.data.long_side_max) == (transform.min_size[0], transform.max_size)
+    assert config.model.roi_heads.aligned is False and config.model.roi_heads.sampling_ratio == 2
+    assert all(side % 32 == 0 for side in config.data.canvas_size)
+
+
+def test_command_line_writes_a_training_checkpoint(tmp_path, torchvision_state_dict):
+    torch = pytest.importorskip("torch")
+    import orbax.checkpoint as ocp
+
+    from maskrcnn_jax.convert import __main__ as cli
+
+    source = tmp_path / "maskrcnn.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in coco_v1_layout(torchvision_state_dict).items()}, source)
+    workdir = tmp_path / "workdir"
+    cli.FLAGS(["convert", "--from=torchvision", f"--out={workdir}"])
+    try:
+        cli.main(["convert", str(source)])
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert os.path.exists(workdir / "config.json")
+    manager = ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("state", "data"))
+    assert manager.latest_step() == 0
+    restored = manager.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                           data=ocp.args.JsonRestore()))
+    manager.close()
+    assert restored["data"] == {"batches_consumed": 0}
+    expected = from_torchvision(torchvision_state_dict)
+    for collection in ("params", "batch_stats"):
+        flat_expected, flat_restored = flatten(expected[collection]), flatten(restored["state"][collection])
+        assert sorted(flat_expected) == sorted(flat_restored)
+        for path, value in flat_expected.items():
+            np.testing.assert_array_equal(np.asarray(flat_restored[path]), value)
