@@ -2,15 +2,15 @@
 
 The boxes are sorted by score and visited in blocks of `block_size`. For each block:
 
-1. every candidate is tested against the boxes kept so far, one kept tile at a time (a box is dropped as soon
-   as a kept box overlaps it by more than the threshold, so later tiles only look at survivors);
+1. every candidate is tested against the boxes kept so far, one tile of 64 kept boxes at a time; the block
+   moves on as soon as all its candidates are suppressed;
 2. the greedy order inside the block is resolved with a fixed-point iteration on the block's upper-triangular
    "overlaps" matrix: `keep = alive & ~any(keep[i] & overlaps[i, j] for i < j)`. Entry j only depends on
    entries before it, so after k rounds the first k entries are final; the iteration stops at the first
    round that changes nothing, which is the unique fixed point, i.e. exactly the greedy answer;
-3. the block's kept boxes are appended to a fixed-size buffer.
+3. the block's kept boxes are appended to a fixed-size buffer (a block with no survivors skips 2 and 3).
 
-The loop stops once `max_output` boxes are kept or the blocks run out. The work is therefore about
+The loop stops once `max_output` boxes are kept, or at the first block of padding (invalid boxes rank last). The work is therefore about
 (#boxes visited) x (#boxes kept) IoUs, computed as dense tiles, instead of torchvision's serial
 (#boxes kept) x N scalar loop, and boxes past the `max_output`-th kept one are never looked at.
 """
