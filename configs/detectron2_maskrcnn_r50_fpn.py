@@ -1,4 +1,4 @@
-"""detectron2's COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_{1x,3x} at inference, for its model-zoo weights.
+r"""detectron2's COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_{1x,3x} at inference, for its model-zoo weights.
 
     python -m maskrcnn_jax.convert --from=detectron2 model_final_f10217.pkl --out=WORKDIR \
         --config=configs/detectron2_maskrcnn_r50_fpn.py

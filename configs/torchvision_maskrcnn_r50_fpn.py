@@ -1,4 +1,4 @@
-"""torchvision's maskrcnn_resnet50_fpn (COCO_V1: 37.9 box AP, 34.6 mask AP) with every setting its model uses.
+r"""torchvision's maskrcnn_resnet50_fpn (COCO_V1: 37.9 box AP, 34.6 mask AP) with every setting its model uses.
 
 Import its weights, then predict or evaluate (or fine-tune from them):
     python -m maskrcnn_jax.convert --from=torchvision maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out=WORKDIR \

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.convert import (
+    COCO_CATEGORY_IDS,
+    keep_class_slots,
     from_detectron2,
     from_torchvision,
     load_detectron2_pickle,
@@ -390,6 +392,29 @@ def test_finetune_rejects_other_mismatches(rng):
         merge_pretrained(model_template(config), imported)
 
 
+def test_keep_class_slots_maps_torchvision_coco_ids_to_contiguous_labels(rng, torchvision_state_dict):
+    assert len(COCO_CATEGORY_IDS) == 80 and COCO_CATEGORY_IDS[-1] == 90 and 12 not in COCO_CATEGORY_IDS
+    full = from_torchvision(torchvision_state_dict)
+    slots = (0, *COCO_CATEGORY_IDS)
+    kept = keep_class_slots(full, slots)
+    config = default_config("torchvision")
+    config.model.num_classes = 81
+    assert_same_structure(model_template(config), kept)
+    features = rng.standard_normal((3, 1024)).astype(np.float32)
+    head, kept_head = full["params"]["box_head"], kept["params"]["box_head"]
+    dense = lambda layer, x: x @ layer["kernel"] + layer["bias"]  # noqa: E731
+    np.testing.assert_allclose(dense(kept_head["cls_score"], features), dense(head["cls_score"], features)[:, slots],
+                               rtol=1e-5, atol=1e-5)
+    deltas = dense(head["bbox_pred"], features).reshape(3, 91, 4)
+    np.testing.assert_allclose(dense(kept_head["bbox_pred"], features).reshape(3, 81, 4), deltas[:, slots],
+                               rtol=1e-5, atol=1e-5)
+    label = 80  # our last contiguous label is COCO id 90 (toothbrush)
+    np.testing.assert_array_equal(kept["params"]["mask_head"]["mask_fcn_logits"]["kernel"][..., label],
+                                  full["params"]["mask_head"]["mask_fcn_logits"]["kernel"][..., 90])
+    with pytest.raises(ValueError, match="background slot 0 first"):
+        keep_class_slots(full, COCO_CATEGORY_IDS)
+
+
 # -- configs and the command line ------------------------------------------------------------------------------
 
 
@@ -436,3 +461,33 @@ def test_command_line_writes_a_training_checkpoint(tmp_path, torchvision_state_d
         assert sorted(flat_expected) == sorted(flat_restored)
         for path, value in flat_expected.items():
             np.testing.assert_array_equal(np.asarray(flat_restored[path]), value)
+
+
+def test_backbone_only_checkpoint_initialises_the_rest(tmp_path):
+    """An ImageNet ResNet written as a checkpoint: the body comes from the file, every other variable from the
+    config's seed (as a fresh training run would draw it), nothing left abstract."""
+    torch = pytest.importorskip("torch")
+    import orbax.checkpoint as ocp
+    import torchvision
+
+    from maskrcnn_jax.convert.checkpoint import write_checkpoint
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None)
+    config = default_config("torchvision")
+    m = config.model
+    m.num_classes, m.backbone.depth, m.backbone.fpn_channels = 4, 18, 32
+    m.rpn.pre_nms_topk_test = m.rpn.post_nms_topk_test = 50
+    m.roi_heads.fc_dim, m.roi_heads.mask_conv_dim, m.detection.detections_per_image = 32, 16, 5
+    config.data.canvas_size = (64, 64)
+    imported = from_torchvision(resnet.state_dict())
+    write_checkpoint(str(tmp_path), config, imported)
+    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_names=("state", "data"))
+    state = manager.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        data=ocp.args.JsonRestore()))["state"]
+    manager.close()
+    assert_same_structure(model_template(config), {"params": state["params"], "batch_stats": state["batch_stats"]})
+    np.testing.assert_array_equal(state["params"]["backbone"]["body"]["conv1"]["kernel"],
+                                  imported["params"]["backbone"]["body"]["conv1"]["kernel"])
+    fc6 = np.asarray(state["params"]["box_head"]["fc6"]["kernel"])
+    assert np.isfinite(fc6).all() and fc6.std() > 0

@@ -1,6 +1,8 @@
-"""Import a torchvision or detectron2 checkpoint into a workdir.
+r"""Import a torchvision or detectron2 checkpoint into a workdir.
 
     python -m maskrcnn_jax.convert --from=torchvision maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out=WORKDIR
+    python -m maskrcnn_jax.convert --from=torchvision maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out=WORKDIR \
+        --class_slots=coco80                         # 81 contiguous labels, for our COCO pipeline / evaluation
     python -m maskrcnn_jax.convert --from=detectron2 model_final_f10217.pkl --out=WORKDIR
     python -m maskrcnn_jax.convert --from=torchvision resnet50-11ad3fa6.pth --out=WORKDIR \
         --config=configs/coco_r50_fpn_1x.py          # an ImageNet backbone as the start of training
@@ -17,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maskrcnn_jax.convert.checkpoint import write_checkpoint
+from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS, keep_class_slots
 from maskrcnn_jax.convert.detectron2 import from_detectron2, load_detectron2_pickle
 from maskrcnn_jax.convert.torchvision import from_torchvision, load_torch_file
 
@@ -28,6 +31,9 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 flags.DEFINE_enum("from", None, sorted(DEFAULT_CONFIGS), "Which library wrote the checkpoint.")
 flags.DEFINE_string("out", None, "Workdir to write the Orbax checkpoint and config.json into.")
+flags.DEFINE_enum("class_slots", "all", ["all", "coco80"],
+                  "torchvision only: 'coco80' keeps the background and the 80 used COCO ids of its 91 label slots, "
+                  "in id order, i.e. the contiguous labels 1..80 of our COCO pipeline (sets model.num_classes=81).")
 flags.DEFINE_enum("input_order", "rgb", ["rgb", "bgr"], "detectron2 only: the channel order our pipeline feeds.")
 config_flags.DEFINE_config_file("config", None, "Config of the receiving model.", lock_config=True)
 flags.mark_flags_as_required(["from", "out"])
@@ -50,7 +56,12 @@ def main(argv):
     norm = config.model.backbone.norm
     if source == "torchvision":
         imported = from_torchvision(load_torch_file(path), norm=norm)
+        if FLAGS.class_slots == "coco80":
+            imported = keep_class_slots(imported, (0, *COCO_CATEGORY_IDS))
+            config.model.num_classes = 1 + len(COCO_CATEGORY_IDS)
     else:
+        if FLAGS.class_slots != "all":
+            raise app.UsageError("--class_slots applies to torchvision checkpoints only")
         imported = from_detectron2(load_detectron2_pickle(path), norm=norm, input_order=FLAGS.input_order)
     directory = write_checkpoint(FLAGS.out, config, imported)
     logging.info("wrote %s (step 0) and %s/config.json", directory, FLAGS.out)

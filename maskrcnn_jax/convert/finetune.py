@@ -86,6 +86,39 @@ def merge_pretrained(fresh: Mapping[str, Any], imported: Mapping[str, Any]) -> t
     return unflatten(merged), report
 
 
+# The 80 COCO category ids in use (of 1..90). torchvision's COCO models predict label k for category id k, while
+# our pipeline numbers categories 1..80 in ascending id order (data/coco_format.py).
+COCO_CATEGORY_IDS = (
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91)
+)
+
+
+def keep_class_slots(variables: Mapping[str, Any], slots) -> dict:
+    """Keeps the class slots `slots` (slot 0, the background, first) of every class-dependent layer, in that order.
+
+    E.g. `keep_class_slots(from_torchvision(sd), (0, *COCO_CATEGORY_IDS))` turns torchvision's 91 COCO-id slots into
+    the 81 contiguous labels our COCO pipeline uses (num_classes=81). The softmax then runs over 81 logits instead
+    of 91; the 10 dropped ids never had a training example, so their logits are far below the rest and the scores
+    barely move. A class-agnostic mask predictor (one channel) is left as it is.
+    """
+    slots = np.asarray(slots)
+    if slots.ndim != 1 or slots[0] != 0 or len(set(slots.tolist())) != len(slots):
+        raise ValueError("slots must be distinct, with the background slot 0 first")
+    flat = dict(flatten(variables))
+    for path, value in flat.items():
+        if not is_class_dependent(path):
+            continue
+        value = np.asarray(value)
+        if path[2] == "mask_logits":
+            raise ValueError("keep_class_slots handles the FCN mask head only (no importer produces the MLP one)")
+        if path[2] == "bbox_pred":  # 4 deltas per slot, slot-major
+            value = value.reshape(*value.shape[:-1], -1, 4)[..., slots, :]
+            flat[path] = value.reshape(*value.shape[:-2], -1)
+        elif value.shape[-1] > 1:  # classifier and class-specific masks: one output per slot
+            flat[path] = value[..., slots]
+    return unflatten(flat)
+
+
 def missing_variables(template: Mapping[str, Any], imported: Mapping[str, Any]) -> list[str]:
     """Variables of `template` (e.g. `jax.eval_shape(model.init, ...)`) that `imported` does not provide."""
     imported_flat = flatten(imported)
