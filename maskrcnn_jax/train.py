@@ -152,7 +152,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Mask
         return total, (losses, updates.get("batch_stats", state.batch_stats))
 
     (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
