@@ -49,7 +49,7 @@ def main():
     import torchvision
 
     from maskrcnn_jax.convert import from_torchvision
-    from maskrcnn_jax.convert.__main__ import default_config
+    from maskrcnn_jax.convert.defaults import default_config
     from maskrcnn_jax.modeling.mask_rcnn import build_model
 
     parity = load_test_module()

@@ -19,7 +19,7 @@ from maskrcnn_jax.convert import (
     merge_pretrained,
     missing_variables,
 )
-from maskrcnn_jax.convert.__main__ import default_config
+from maskrcnn_jax.convert.defaults import default_config
 from maskrcnn_jax.convert.layout import conv_transpose_kernel, dense_kernel_from_nchw_flatten, flatten
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 from maskrcnn_jax.modeling.roi_heads import FCNMaskHead
@@ -435,19 +435,19 @@ def test_torchvision_config_normalises_like_torchvision(rng):
 
 
 def test_command_line_writes_a_training_checkpoint(tmp_path, torchvision_state_dict):
+    """`python -m maskrcnn_jax.convert` on a .pth in the released COCO_V1 key layout (a subprocess: the CLI defines
+    absl flags that other entry points define too)."""
     torch = pytest.importorskip("torch")
-    import orbax.checkpoint as ocp
+    import subprocess
+    import sys
 
-    from maskrcnn_jax.convert import __main__ as cli
+    import orbax.checkpoint as ocp
 
     source = tmp_path / "maskrcnn.pth"
     torch.save({k: torch.from_numpy(v) for k, v in coco_v1_layout(torchvision_state_dict).items()}, source)
     workdir = tmp_path / "workdir"
-    cli.FLAGS(["convert", "--from=torchvision", f"--out={workdir}"])
-    try:
-        cli.main(["convert", str(source)])
-    finally:
-        cli.FLAGS.unparse_flags()
+    subprocess.run([sys.executable, "-m", "maskrcnn_jax.convert", "--from=torchvision", str(source),
+                    f"--out={workdir}"], check=True, cwd=tmp_path)
     assert os.path.exists(workdir / "config.json")
     manager = ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("state", "data"))
     assert manager.latest_step() == 0

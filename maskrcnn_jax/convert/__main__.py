@@ -12,22 +12,14 @@ the weights; it defaults to configs/torchvision_maskrcnn_r50_fpn.py or configs/d
 Reading .pth files needs torch (the `parity` extra).
 """
 
-import importlib.util
-import pathlib
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maskrcnn_jax.convert.checkpoint import write_checkpoint
+from maskrcnn_jax.convert.defaults import DEFAULT_CONFIGS, default_config
 from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS, keep_class_slots
 from maskrcnn_jax.convert.detectron2 import from_detectron2, load_detectron2_pickle
 from maskrcnn_jax.convert.torchvision import from_torchvision, load_torch_file
-
-DEFAULT_CONFIGS = {
-    "torchvision": "torchvision_maskrcnn_r50_fpn.py",
-    "detectron2": "detectron2_maskrcnn_r50_fpn.py",
-}
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 flags.DEFINE_enum("from", None, sorted(DEFAULT_CONFIGS), "Which library wrote the checkpoint.")
 flags.DEFINE_string("out", None, "Workdir to write the Orbax checkpoint and config.json into.")
@@ -38,14 +30,6 @@ flags.DEFINE_enum("input_order", "rgb", ["rgb", "bgr"], "detectron2 only: the ch
 config_flags.DEFINE_config_file("config", None, "Config of the receiving model.", lock_config=True)
 flags.mark_flags_as_required(["from", "out"])
 FLAGS = flags.FLAGS
-
-
-def default_config(source: str):
-    path = CONFIGS_DIR / DEFAULT_CONFIGS[source]
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def main(argv):
