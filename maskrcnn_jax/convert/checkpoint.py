@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maskrcnn_jax.convert.finetune import merge_pretrained, missing_variables
+from maskrcnn_jax.convert.finetune import merge_pretrained
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 
 logger = logging.getLogger(__name__)
@@ -35,16 +35,11 @@ def model_variables(config: ml_collections.ConfigDict, imported: Mapping[str, An
         model.init, jax.random.key(0), jnp.zeros((1, *canvas, 3), jnp.float32), jnp.asarray([canvas], jnp.int32)
     )
     template = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
-    if missing_variables(template, imported):
+    variables, report = merge_pretrained(template, imported)
+    if report.kept_initial or report.reinitialized:
+        # Some variables need real values: the config's initialisation, as a fresh training run draws it.
         init_key, _ = jax.random.split(jax.random.key(config.train.seed))
-        fresh = train.init_variables(model, init_key, canvas)
-    else:
-        fresh = template
-    variables, report = merge_pretrained(fresh, imported)
-    # Everything came from the import or from a real initialisation: no abstract leaf may survive.
-    leaves = jax.tree_util.tree_leaves(variables)
-    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
-        raise ValueError("the import does not fit the config's model (shapes differ outside the classifier)")
+        variables, report = merge_pretrained(train.init_variables(model, init_key, canvas), imported)
     logger.info("%s", report.summary())
     return variables
 
