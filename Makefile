@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test clean
+.PHONY: test clean demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Generates the synthetic shapes, trains Mask R-CNN on the CPU, evaluates, writes overlay PNGs of validation
+# predictions (workdir/shapes_demo/overlays) and prints box and mask AP.
+demo: $(STAMP)
+	$(BIN)/python -m maskrcnn_jax.main --config=configs/shapes.py --workdir=workdir/shapes_demo
 
 clean:
 	rm -rf $(VENV)

@@ -36,20 +36,20 @@ def get_config():
     d.shapes.dir = "workdir/data/shapes"
     d.shapes.num_train = 2000
     d.shapes.num_val = 100
-    d.canvas_size = (256, 256)  # 256-320 px images are scaled to fit
+    d.canvas_size = (192, 192)  # 256-320 px images are scaled to fit
     d.max_instances = 8
     d.mask_size = 56
     d.shuffle_buffer = 2000
 
     t = config.train
     t.batch_size = 4
-    t.num_steps = 1500
+    t.num_steps = 1200
     t.optimizer = "adamw"
     t.base_lr = 1e-3
     t.weight_decay = 1e-4
     t.warmup_steps = 100
     t.warmup_factor = 0.01
-    t.lr_steps = (1200,)
+    t.lr_steps = (1000,)
     t.grad_clip_norm = 10.0
     t.log_every = 25
     t.checkpoint_every = 250
