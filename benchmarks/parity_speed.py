@@ -22,7 +22,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from timing import machine_line, median_seconds, time_jax, write_section  # noqa: E402
