@@ -198,3 +198,21 @@ def test_overfits_two_images_and_finds_every_object(tiny, rng):
         for (label, *_), truth in zip(shapes, masks):
             candidates = [mask_iou(pasted[d], truth) for d in np.flatnonzero(valid & (classes == label))]
             assert candidates and max(candidates) >= 0.8, (i, label, candidates)
+
+
+def test_deconv2x2_matches_torch_conv_transpose(rng):
+    torch = pytest.importorskip("torch")
+    from maskrcnn_jax.modeling.roi_heads import Deconv2x2
+
+    x = rng.standard_normal((3, 5, 6, 8)).astype(np.float32)
+    module = Deconv2x2(4)
+    variables = module.init(jax.random.key(0), x)
+    variables = {"params": {"kernel": rng.standard_normal((2, 2, 8, 4)).astype(np.float32),
+                            "bias": rng.standard_normal(4).astype(np.float32)}}
+    ours = np.asarray(module.apply(variables, x))
+    deconv = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+    with torch.no_grad():
+        deconv.weight.copy_(torch.from_numpy(variables["params"]["kernel"].transpose(2, 3, 0, 1)))
+        deconv.bias.copy_(torch.from_numpy(variables["params"]["bias"]))
+        expected = deconv(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)

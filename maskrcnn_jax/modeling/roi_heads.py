@@ -43,6 +43,29 @@ class BoxHead(nn.Module):
         return logits.astype(jnp.float32), deltas.reshape(*deltas.shape[:-1], self.num_classes, 4).astype(jnp.float32)
 
 
+class Deconv2x2(nn.Module):
+    """A 2x2 stride-2 transposed convolution: out[2i + a, 2j + b] = x[i, j] @ kernel[a, b] + bias.
+
+    The windows do not overlap, so it is one matmul and a pixel shuffle. XLA's CPU backend computes the kernel
+    gradient of the equivalent lax.conv_transpose some 30x slower (19 s for 128 RoIs at 14x14x256).
+    torchvision's ConvTranspose2d weight [C, O, 2, 2] is this kernel transposed to [2, 2, C, O]: no flip.
+    """
+
+    features: int
+    kernel_init: Any = conv_init
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (2, 2, channels, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
+        n, h, _, w, _, o = y.shape
+        return y.reshape(n, 2 * h, 2 * w, o) + bias
+
+
 class FCNMaskHead(nn.Module):
     """The paper's FCN mask head: 4 x (3x3 conv, 256, ReLU), a 2x2 stride-2 deconv, then a 1x1 conv to one mask
     per class (torchvision MaskRCNNHeads + MaskRCNNPredictor: `mask_fcn1..4`, `conv5_mask`, `mask_fcn_logits`)."""
@@ -61,8 +84,7 @@ class FCNMaskHead(nn.Module):
             x = nn.Conv(self.conv_dim, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
                         name=f"mask_fcn{i + 1}")(x)
             x = nn.relu(x)
-        x = nn.ConvTranspose(self.conv_dim, (2, 2), strides=(2, 2), padding="VALID", kernel_init=conv_init,
-                             dtype=self.dtype, name="conv5_mask")(x)
+        x = Deconv2x2(self.conv_dim, dtype=self.dtype, name="conv5_mask")(x)
         x = nn.relu(x)
         x = nn.Conv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
                     name="mask_fcn_logits")(x)
