@@ -53,9 +53,9 @@ def test_conv_transpose_kernel_matches_torch(rng):
     deconv = torch.nn.ConvTranspose2d(3, 6, 2, stride=2)
     with torch.no_grad():
         expected = deconv(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-    import flax.linen as nn
+    from maskrcnn_jax.modeling.roi_heads import Deconv2x2
 
-    layer = nn.ConvTranspose(6, (2, 2), strides=(2, 2), padding="VALID")
+    layer = Deconv2x2(6)
     params = {"kernel": conv_transpose_kernel(deconv.weight.detach().numpy()), "bias": deconv.bias.detach().numpy()}
     actual = layer.apply({"params": params}, x)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)

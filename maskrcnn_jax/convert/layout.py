@@ -33,15 +33,14 @@ def conv_kernel(weight: np.ndarray) -> np.ndarray:
 
 
 def conv_transpose_kernel(weight: np.ndarray) -> np.ndarray:
-    """torch ConvTranspose2d weight [in, out, kh, kw] -> flax ConvTranspose kernel [kh, kw, in, out].
+    """torch ConvTranspose2d weight [in, out, kh, kw] -> our Deconv2x2 kernel [kh, kw, in, out].
 
-    torch scatters input pixel i to output i * stride + a with weight tap a; flax's ConvTranspose (without
-    transpose_kernel) correlates the stride-dilated input with its kernel, which reads the taps in reverse. So the
-    spatial axes are flipped (tests/test_convert.py checks this numerically against torch).
+    Both scatter input pixel i to output i * stride + a with weight tap a, so no spatial flip is needed
+    (tests/test_convert.py checks this numerically against torch).
     """
     if weight.ndim != 4:
         raise ValueError(f"expected a 4-d transposed-conv weight, got shape {weight.shape}")
-    return np.ascontiguousarray(weight.transpose(2, 3, 0, 1)[::-1, ::-1])
+    return np.ascontiguousarray(weight.transpose(2, 3, 0, 1))
 
 
 def dense_kernel(weight: np.ndarray) -> np.ndarray:

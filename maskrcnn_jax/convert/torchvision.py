@@ -14,7 +14,7 @@ Two kinds of state dict are understood:
 
 Names follow the table in modeling/resnet.py and modeling/fpn.py; conv kernels become [kh, kw, in, out], linear
 weights [in, out], the first box-head FC has its inputs re-ordered from torch's (C, 7, 7) flatten to our NHWC
-(7, 7, C) one, and the mask head's transposed conv is flipped spatially (see layout.py).
+(7, 7, C) one, and the mask head's transposed conv is reordered (see layout.py).
 
 torchvision labels index the 91 COCO category slots directly (label k is COCO category id k), so the box and mask
 predictors keep their 91 slots: ours has the same label-k-is-slot-k layout.
