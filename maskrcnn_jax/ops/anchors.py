@@ -1,5 +1,6 @@
 """Anchor boxes for the FPN levels of a padded input image (torchvision AnchorGenerator values and order)."""
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -34,6 +35,12 @@ def generate_anchors(
     as torchvision computes it; it differs from the nominal stride only when the image is not a multiple of
     the stride (e.g. P6 of an 800-pixel side), which keeps us equal to torchvision's pretrained models.
     """
+    return list(_anchors_for_shape(tuple(image_size), tuple(strides), tuple(sizes), tuple(aspect_ratios)))
+
+
+@functools.lru_cache(maxsize=32)
+def _anchors_for_shape(image_size, strides, sizes, aspect_ratios):
+    """The anchors depend only on static shapes; caching them keeps every retrace from rebuilding ~270k boxes."""
     if len(strides) != len(sizes):
         raise ValueError(f"one anchor size per level: got {len(sizes)} sizes for {len(strides)} strides")
     height, width = image_size
@@ -49,4 +56,4 @@ def generate_anchors(
         shifts = np.stack([shift_x, shift_y, shift_x, shift_y], axis=-1).reshape(-1, 1, 4)
         anchors = shifts + cell_anchors(size, aspect_ratios)[None]
         levels.append(jnp.asarray(anchors.reshape(-1, 4), jnp.float32))
-    return levels
+    return tuple(levels)
