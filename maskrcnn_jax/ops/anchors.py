@@ -35,12 +35,14 @@ def generate_anchors(
     as torchvision computes it; it differs from the nominal stride only when the image is not a multiple of
     the stride (e.g. P6 of an 800-pixel side), which keeps us equal to torchvision's pretrained models.
     """
-    return list(_anchors_for_shape(tuple(image_size), tuple(strides), tuple(sizes), tuple(aspect_ratios)))
+    levels = _anchors_for_shape(tuple(image_size), tuple(strides), tuple(sizes), tuple(aspect_ratios))
+    return [jnp.asarray(anchors) for anchors in levels]
 
 
 @functools.lru_cache(maxsize=32)
 def _anchors_for_shape(image_size, strides, sizes, aspect_ratios):
-    """The anchors depend only on static shapes; caching them keeps every retrace from rebuilding ~270k boxes."""
+    """NumPy anchors per static shape, cached so that retraces do not rebuild ~270k boxes. They stay NumPy:
+    a cached jax.Array captured by a later trace becomes a hoisted constant argument of that computation."""
     if len(strides) != len(sizes):
         raise ValueError(f"one anchor size per level: got {len(sizes)} sizes for {len(strides)} strides")
     height, width = image_size
@@ -55,5 +57,5 @@ def _anchors_for_shape(image_size, strides, sizes, aspect_ratios):
         )
         shifts = np.stack([shift_x, shift_y, shift_x, shift_y], axis=-1).reshape(-1, 1, 4)
         anchors = shifts + cell_anchors(size, aspect_ratios)[None]
-        levels.append(jnp.asarray(anchors.reshape(-1, 4), jnp.float32))
+        levels.append(anchors.reshape(-1, 4).astype(np.float32))
     return tuple(levels)

@@ -1,0 +1,217 @@
+"""Mask R-CNN R50-FPN, ours next to torchvision's maskrcnn_resnet50_fpn: same 800x1344 input, batch 1,
+random weights, one run. Each side runs in its own subprocess so that peak memory is its own.
+
+    .venv/bin/python benchmarks/model.py            # prints a table and rewrites its section of RESULTS.md
+
+Both sides use torchvision's inference settings (RoIAlign aligned=False, RPN 1000/1000 at test and
+2000/2000 in training) and a score threshold of 0, so that random weights still give 100 detections and
+both mask heads do full work.
+"""
+
+import argparse
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+HEIGHT, WIDTH = 800, 1344
+NUM_INSTANCES = 5
+
+
+def ground_truth(rng):
+    import numpy as np
+
+    xy = rng.uniform(0, [WIDTH - 300, HEIGHT - 300], (NUM_INSTANCES, 2))
+    wh = rng.uniform(60, 300, (NUM_INSTANCES, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    labels = rng.integers(1, 91, NUM_INSTANCES)
+    masks = np.zeros((NUM_INSTANCES, HEIGHT, WIDTH), np.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
+        mask[y1:y2, x1:x2] = 1
+    return boxes, labels, masks
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_ours(repeats):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from maskrcnn_jax import ops
+    from maskrcnn_jax.modeling import build_model, model_config
+
+    config = model_config()
+    config.backbone.freeze_at = 0
+    config.roi_heads.aligned = False
+    config.rpn.post_nms_topk_train = 2000
+    config.detection.score_threshold = 0.0
+    model = build_model(config)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, HEIGHT, WIDTH, 3)).astype(np.float32)
+    sizes = np.array([[HEIGHT, WIDTH]], np.int32)
+    boxes, labels, masks = ground_truth(rng)
+    batch = {
+        "image": image,
+        "image_size": sizes,
+        "gt_boxes": boxes[None],
+        "gt_classes": labels[None].astype(np.int32),
+        "gt_is_crowd": np.zeros((1, NUM_INSTANCES), bool),
+        "gt_valid": np.ones((1, NUM_INSTANCES), bool),
+        "gt_masks": np.asarray(ops.crop_masks_to_boxes(masks, boxes, 112))[None],
+    }
+    variables = jax.jit(model.init)(jax.random.key(0), image, sizes)
+    optimizer = optax.sgd(0.01, momentum=0.9)
+
+    def train_step(variables, opt_state, batch, key):
+        params = variables["params"]
+
+        def loss_fn(params):
+            return model.apply({**variables, "params": params}, batch, key, method=model.losses)
+
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return {**variables, "params": optax.apply_updates(params, updates)}, opt_state, loss
+
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method=model.predict))
+    opt_state = optimizer.init(variables["params"])
+    key = jax.random.key(1)
+
+    start = time.perf_counter()
+    compiled_train = train_step.lower(variables, opt_state, batch, key).compile()
+    train_compile = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled_predict = predict.lower(variables, image, sizes).compile()
+    predict_compile = time.perf_counter() - start
+
+    out = compiled_predict(variables, image, sizes)
+    jax.block_until_ready(out)
+    detections = int(np.asarray(out["valid"]).sum())
+    infer = timed(lambda: jax.block_until_ready(compiled_predict(variables, image, sizes)), repeats)
+
+    state = [variables, opt_state]
+
+    def one_step():
+        state[0], state[1], loss = compiled_train(state[0], state[1], batch, key)
+        jax.block_until_ready(loss)
+
+    one_step()
+    train = timed(one_step, repeats)
+    return {
+        "train_compile_s": train_compile,
+        "predict_compile_s": predict_compile,
+        "train_step_s": train,
+        "inference_s": infer,
+        "detections": detections,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_torchvision(repeats):
+    import numpy as np
+    import torch
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    # maskrcnn_resnet50_fpn's own structure, with the FrozenBatchNorm it uses for pretrained weights (its
+    # weights=None build switches to BatchNorm2d) and every stage trainable, as on our side.
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5
+    )
+    # min/max size equal to the input, so torchvision's transform does not resize it.
+    model = MaskRCNN(backbone, num_classes=91, min_size=HEIGHT, max_size=WIDTH, box_score_thresh=0.0)
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.uniform(0, 1, (3, HEIGHT, WIDTH)).astype(np.float32))
+    boxes, labels, masks = ground_truth(rng)
+    target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks)}
+
+    model.eval()
+    with torch.inference_mode():
+        detections = len(model([image])[0]["boxes"])
+        infer = timed(lambda: model([image]), repeats)
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def one_step():
+        losses = model([image], [target])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    one_step()
+    train = timed(one_step, repeats)
+    return {
+        "train_step_s": train,
+        "inference_s": infer,
+        "detections": detections,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--side", choices=["ours", "torchvision"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.side:
+        result = run_ours(args.repeats) if args.side == "ours" else run_torchvision(args.repeats)
+        print("RESULT " + json.dumps(result))
+        return
+
+    results = {}
+    for side in ("ours", "torchvision"):
+        out = subprocess.run(
+            [sys.executable, __file__, f"--side={side}", f"--repeats={args.repeats}"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        results[side] = json.loads(out.split("RESULT ", 1)[1])
+        print(side, results[side], flush=True)
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from timing import machine_line, write_section
+
+    ours, theirs = results["ours"], results["torchvision"]
+    rows = [
+        ("train step (s)", ours["train_step_s"], theirs["train_step_s"]),
+        ("inference (s)", ours["inference_s"], theirs["inference_s"]),
+        ("peak RSS of the process (MB)", ours["peak_rss_mb"], theirs["peak_rss_mb"]),
+    ]
+    table = ["| measure | ours | torchvision | ours / torchvision |", "| --- | ---: | ---: | ---: |"]
+    table += [f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} |" for name, a, b in rows]
+    body = "\n".join([
+        "## model (`benchmarks/model.py`)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/model.py --repeats={args.repeats}` (rewrites this section).",
+        f"Machine: {machine_line()}.",
+        f"R50-FPN Mask R-CNN, random weights, one {HEIGHT}x{WIDTH} image, {NUM_INSTANCES} ground-truth instances,",
+        "SGD with momentum; medians of the steady state. Both sides use torchvision's settings and a score",
+        f"threshold of 0 (detections: ours {ours['detections']}, torchvision {theirs['detections']}).",
+        f"Our compile times: train step {ours['train_compile_s']:.1f} s, inference {ours['predict_compile_s']:.1f} s"
+        " (torchvision runs eagerly).",
+        "",
+        *table,
+    ])
+    write_section("model", body)
+
+
+if __name__ == "__main__":
+    main()

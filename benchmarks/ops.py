@@ -1,0 +1,182 @@
+"""Times each op against torchvision on this machine, same inputs, side by side in one run.
+
+    .venv/bin/python benchmarks/ops.py            # prints the table and rewrites its section of RESULTS.md
+
+Ours: jit-compiled, steady state (compile excluded, reported separately). torchvision: eager, its CPU kernels.
+Both use the machine's default thread counts. Ratio = ours / torchvision (lower is better; < 1 is faster).
+"""
+
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import MultiScaleRoIAlign
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from timing import machine_line, median_seconds, time_jax, write_section  # noqa: E402
+
+from maskrcnn_jax import ops  # noqa: E402
+from maskrcnn_jax.ops.anchors import _anchors_for_shape, feature_map_size  # noqa: E402
+
+IMAGE = (800, 1344)
+STRIDES = (4, 8, 16, 32)
+
+
+def random_boxes(rng, n, height, width, min_size=8.0, max_size=512.0):
+    """Proposal-like boxes: log-uniform sizes, centres inside the image."""
+    size = np.exp(rng.uniform(np.log(min_size), np.log(max_size), (n, 2)))
+    centre = rng.uniform(0, 1, (n, 2)) * [width, height]
+    return np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
+
+
+def clustered_boxes(rng, n, clusters, height, width):
+    """Heavily overlapping boxes: jittered copies of a few cluster boxes."""
+    centres = random_boxes(rng, clusters, height, width, 32, 256)
+    base = centres[rng.integers(0, clusters, n)]
+    return (base + rng.normal(0, 4.0, (n, 4))).astype(np.float32)
+
+
+def torch_time(fn, repeats=7):
+    with torch.inference_mode():
+        return median_seconds(fn, repeats=repeats)
+
+
+def main():
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def record(name, size, ours, theirs, compile_s):
+        rows.append((name, size, ours * 1e3, theirs * 1e3, ours / theirs, compile_s))
+        print(f"{name:28s} {size:44s} ours {ours * 1e3:9.2f} ms  torchvision {theirs * 1e3:9.2f} ms  "
+              f"ratio {ours / theirs:5.2f}  compile {compile_s:5.1f} s", flush=True)
+
+    # -- RoIAlign: 1,000 boxes on the P2-P5 levels of an 800x1344 input, C=256 -------------------------------
+    levels_np = [rng.standard_normal((1, 256, *feature_map_size(IMAGE, s))).astype(np.float32) for s in STRIDES]
+    boxes_np = random_boxes(rng, 1000, *IMAGE)
+    levels_nhwc = [jnp.asarray(x.transpose(0, 2, 3, 1)) for x in levels_np]
+    levels_torch = {str(i): torch.from_numpy(x) for i, x in enumerate(levels_np)}
+    for output in (7, 14):
+        pooler = MultiScaleRoIAlign(list(levels_torch), output, sampling_ratio=2)
+        compile_s, ours = time_jax(
+            lambda f, b: ops.multilevel_roi_align(f, b, output, STRIDES, 2, False), levels_nhwc, boxes_np[None]
+        )
+        theirs = torch_time(lambda: pooler(levels_torch, [torch.from_numpy(boxes_np)], [IMAGE]))
+        record(f"multilevel_roi_align {output}x{output}", "1000 boxes, P2-P5 of 800x1344, C=256", ours, theirs, compile_s)
+
+    p3_np = levels_np[1]
+    p3 = levels_nhwc[1]
+    compile_s, ours = time_jax(lambda f, b: ops.roi_align(f, b, 7, 1 / 8, 2, True), p3, boxes_np[None])
+    rois = torch.from_numpy(np.concatenate([np.zeros((1000, 1), np.float32), boxes_np], 1))
+    theirs = torch_time(lambda: torchvision.ops.roi_align(torch.from_numpy(p3_np), rois, 7, 1 / 8, 2, True))
+    record("roi_align 7x7", "1000 boxes, 100x168x256 (P3)", ours, theirs, compile_s)
+
+    compile_s, ours = time_jax(lambda f, b: ops.roi_pool(f, b, 7, 1 / 8), p3, boxes_np[None])
+    theirs = torch_time(lambda: torchvision.ops.roi_pool(torch.from_numpy(p3_np), rois, 7, 1 / 8))
+    record("roi_pool 7x7", "1000 boxes, 100x168x256 (P3)", ours, theirs, compile_s)
+
+    # -- NMS: 10,000 boxes ----------------------------------------------------------------------------------
+    scores_np = rng.uniform(0, 1, 10000).astype(np.float32)
+    for label, boxes, threshold, max_output in (
+        ("heavy overlap", clustered_boxes(rng, 10000, 50, *IMAGE), 0.5, 1000),
+        ("RPN-like", random_boxes(rng, 10000, *IMAGE, 16, 256), 0.7, 1000),
+        ("RPN-like", random_boxes(rng, 10000, *IMAGE, 16, 256), 0.7, 2000),
+    ):
+        compile_s, ours = time_jax(lambda b, s: ops.nms(b, s, threshold, max_output), boxes, scores_np)
+        theirs = torch_time(lambda: torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores_np), threshold))
+        record("nms", f"10,000 boxes, {label}, IoU {threshold}, keep <= {max_output}", ours, theirs, compile_s)
+
+    boxes = random_boxes(rng, 10000, *IMAGE, 16, 256)
+    classes_np = rng.integers(0, 80, 10000).astype(np.int32)
+    compile_s, ours = time_jax(lambda b, s, c: ops.batched_nms(b, s, c, 0.5, 100), boxes, scores_np, classes_np)
+    theirs = torch_time(lambda: torchvision.ops.batched_nms(
+        torch.from_numpy(boxes), torch.from_numpy(scores_np), torch.from_numpy(classes_np).long(), 0.5))
+    record("batched_nms", "10,000 boxes, 80 classes, IoU 0.5, keep <= 100", ours, theirs, compile_s)
+
+    # -- Anchors, box coding, matching and sampling on the ~240k anchors of 800x1344 -------------------------
+    generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    fmaps = [torch.zeros(1, 1, *feature_map_size(IMAGE, s)) for s in (4, 8, 16, 32, 64)]
+    image_list = ImageList(torch.zeros(1, 3, *IMAGE), [IMAGE])
+    def build_anchors():  # the work of one build: ours caches per shape, so clear the cache first
+        _anchors_for_shape.cache_clear()
+        jax.block_until_ready(ops.generate_anchors(IMAGE))
+
+    ours = median_seconds(build_anchors)
+    theirs = torch_time(lambda: generator(image_list, fmaps))
+    record("generate_anchors", "P2-P6 of 800x1344, uncached (ours caches per shape)", ours, theirs, 0.0)
+
+    anchors = np.concatenate([np.asarray(a) for a in ops.generate_anchors(IMAGE)])
+    gt = random_boxes(rng, 100, *IMAGE, 16, 512)
+    gt_valid = np.ones(100, bool)
+    gt_crowd = np.zeros(100, bool)
+    compile_s, ours = time_jax(
+        lambda g, v, c, a: ops.match_boxes(g, v, c, a, 0.3, 0.7, True), gt, gt_valid, gt_crowd, anchors
+    )
+    matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
+    gt_t, anchors_t = torch.from_numpy(gt), torch.from_numpy(anchors)
+    theirs = torch_time(lambda: matcher(torchvision.ops.box_iou(gt_t, anchors_t)))
+    record("match_boxes (IoU + Matcher)", f"100 gt x {len(anchors):,} anchors", ours, theirs, compile_s)
+
+    labels_np = rng.choice([-1, 0, 1], len(anchors), p=[0.2, 0.79, 0.01]).astype(np.int32)
+    key = jax.random.key(0)
+    compile_s, ours = time_jax(lambda k, l: ops.sample_balanced(k, l, 256, 0.5), key, labels_np)
+    sampler = BalancedPositiveNegativeSampler(256, 0.5)
+    labels_t = torch.from_numpy(labels_np)
+    theirs = torch_time(lambda: sampler([labels_t]))
+    record("sample_balanced", f"256 of {len(anchors):,} labels", ours, theirs, compile_s)
+
+    deltas = rng.normal(0, 1, anchors.shape).astype(np.float32)
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0), math.log(1000 / 16))
+    compile_s, ours = time_jax(ops.decode_boxes, deltas, anchors)
+    deltas_t = torch.from_numpy(deltas)
+    theirs = torch_time(lambda: coder.decode_single(deltas_t, anchors_t))
+    record("decode_boxes", f"{len(anchors):,} anchors", ours, theirs, compile_s)
+    targets = anchors + rng.normal(0, 4, anchors.shape).astype(np.float32)
+    compile_s, ours = time_jax(ops.encode_boxes, targets, anchors)
+    targets_t = torch.from_numpy(targets)
+    theirs = torch_time(lambda: coder.encode_single(targets_t, anchors_t))
+    record("encode_boxes", f"{len(anchors):,} anchors", ours, theirs, compile_s)
+
+    a, b = random_boxes(rng, 1000, *IMAGE), random_boxes(rng, 1000, *IMAGE)
+    compile_s, ours = time_jax(ops.box_iou, a, b)
+    a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+    theirs = torch_time(lambda: torchvision.ops.box_iou(a_t, b_t))
+    record("box_iou", "1,000 x 1,000", ours, theirs, compile_s)
+
+    # -- Mask pasting: 100 detections into an 800x1344 image -------------------------------------------------
+    masks = rng.uniform(0, 1, (100, 28, 28)).astype(np.float32)
+    det_boxes = random_boxes(rng, 100, *IMAGE, 16, 512)
+    compile_s, ours = time_jax(lambda m, b: ops.paste_masks(m, b, IMAGE), masks, det_boxes)
+    masks_t, det_t = torch.from_numpy(masks)[:, None], torch.from_numpy(det_boxes)
+    theirs = torch_time(lambda: paste_masks_in_image(masks_t, det_t, IMAGE) > 0.5)
+    record("paste_masks", "100 masks 28x28 into 800x1344", ours, theirs, compile_s)
+
+    table = [
+        "| op | size | ours (ms) | torchvision (ms) | ours / torchvision | our compile (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    table += [f"| `{n}` | {s} | {o:.2f} | {t:.2f} | {r:.2f} | {c:.1f} |" for n, s, o, t, r, c in rows]
+    body = "\n".join([
+        "## ops (`benchmarks/ops.py`)",
+        "",
+        "Command: `.venv/bin/python benchmarks/ops.py` (rewrites this section).",
+        f"Machine: {machine_line()}.",
+        "Ours is jit-compiled and timed in steady state (median of 7, compile excluded); torchvision runs its CPU",
+        "kernels eagerly on the same arrays. A ratio below 1 means ours is faster.",
+        "",
+        *table,
+    ])
+    write_section("ops", body)
+    worst = max(rows, key=lambda r: r[4])
+    print(f"slowest relative to torchvision: {worst[0]} at {worst[4]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared timing and RESULTS.md helpers for the benchmarks: steady-state medians, side by side in one run."""
+
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+
+RESULTS_PATH = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def median_seconds(fn, *, repeats=7, warmup=1):
+    """Median wall time of `fn()` after `warmup` calls; `fn` must block until its result is ready."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_jax(fn, *args, repeats=7):
+    """(compile seconds, steady-state median seconds) of `jax.jit(fn)(*args)`."""
+    jitted = jax.jit(fn)
+    start = time.perf_counter()
+    jax.block_until_ready(jitted(*args))
+    compile_seconds = time.perf_counter() - start
+    return compile_seconds, median_seconds(lambda: jax.block_until_ready(jitted(*args)), repeats=repeats)
+
+
+def machine_line():
+    import os
+
+    import numpy as np
+
+    parts = [
+        f"{platform.processor() or platform.machine()}",
+        f"{os.cpu_count()} cores",
+        f"python {sys.version.split()[0]}",
+        f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s))",
+        f"numpy {np.__version__}",
+    ]
+    try:
+        import torch
+        import torchvision
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads), torchvision {torchvision.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def write_section(name, body):
+    """Replace (or append) the section between `<!-- name:begin -->` and `<!-- name:end -->` in RESULTS.md."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = RESULTS_PATH.read_text() if RESULTS_PATH.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS_PATH.write_text(text)
