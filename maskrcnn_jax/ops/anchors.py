@@ -50,12 +50,11 @@ def _anchors_for_shape(image_size, strides, sizes, aspect_ratios):
     for stride, size in zip(strides, sizes):
         grid_h, grid_w = feature_map_size(image_size, stride)
         step_y, step_x = height // grid_h, width // grid_w
-        shift_y, shift_x = np.meshgrid(
-            np.arange(grid_h, dtype=np.float32) * step_y,
-            np.arange(grid_w, dtype=np.float32) * step_x,
-            indexing="ij",
-        )
-        shifts = np.stack([shift_x, shift_y, shift_x, shift_y], axis=-1).reshape(-1, 1, 4)
-        anchors = shifts + cell_anchors(size, aspect_ratios)[None]
-        levels.append(anchors.reshape(-1, 4).astype(np.float32))
+        shift_x = np.arange(grid_w, dtype=np.float32) * np.float32(step_x)
+        shift_y = np.arange(grid_h, dtype=np.float32) * np.float32(step_y)
+        base = cell_anchors(size, aspect_ratios)
+        anchors = np.empty((grid_h, grid_w, len(base), 4), np.float32)
+        anchors[..., 0::2] = shift_x[None, :, None, None] + base[None, None, :, 0::2]
+        anchors[..., 1::2] = shift_y[:, None, None, None] + base[None, None, :, 1::2]
+        levels.append(anchors.reshape(-1, 4))
     return tuple(levels)
