@@ -1,6 +1,13 @@
 import pathlib
 import zlib
 
+try:
+    # Loading torch's triton after TensorFlow segfaults the process (TF 2.21 + torch 2.14.1's triton); the test
+    # modules import TensorFlow at collection and the parity tests import torch later, so triton goes first.
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 import jax
 import numpy as np
 import pytest
