@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.ops.roi_align import fpn_level_for_boxes, multilevel_roi_align, roi_align
+from torch_layout import torch_nchw, torch_rois
 
 F32 = np.float32
 # Parity: 1e-5 relative; the atol only covers float32 summation-order noise on outputs near 0.
@@ -74,19 +75,6 @@ def numpy_roi_align(features, boxes, output_size, spatial_scale, sampling_ratio,
                             total = total + bilinear(features[b], F32(y), F32(x))
                     out[b, n, ph, pw] = total / F32(grid * grid)
     return out
-
-
-def torch_rois(boxes):
-    """[B, N, 4] -> torchvision's [B*N, 5] (batch index, x1, y1, x2, y2)."""
-    torch = pytest.importorskip("torch")
-    batch, num = boxes.shape[:2]
-    index = np.repeat(np.arange(batch, dtype=F32), num)[:, None]
-    return torch.from_numpy(np.concatenate([index, boxes.reshape(-1, 4)], axis=1))
-
-
-def torch_nchw(features):
-    torch = pytest.importorskip("torch")
-    return torch.from_numpy(np.ascontiguousarray(features.transpose(0, 3, 1, 2)))
 
 
 @pytest.mark.parametrize("aligned", [False, True])

@@ -7,6 +7,7 @@ import pytest
 
 from maskrcnn_jax.ops.roi_align import fpn_level_for_boxes
 from maskrcnn_jax.ops.roi_pool import multilevel_roi_pool, roi_pool
+from torch_layout import torch_nchw, torch_rois
 
 F32 = np.float32
 roi_pool_jit = jax.jit(roi_pool, static_argnums=(2, 3))
@@ -48,18 +49,6 @@ def numpy_roi_pool(features, boxes, output_size, spatial_scale):
                     if h1 > h0 and w1 > w0:
                         out[b, n, ph, pw] = features[b, h0:h1, w0:w1].max(axis=(0, 1))
     return out
-
-
-def torch_rois(boxes):
-    torch = pytest.importorskip("torch")
-    batch, num = boxes.shape[:2]
-    index = np.repeat(np.arange(batch, dtype=F32), num)[:, None]
-    return torch.from_numpy(np.concatenate([index, boxes.reshape(-1, 4)], axis=1))
-
-
-def torch_nchw(features):
-    torch = pytest.importorskip("torch")
-    return torch.from_numpy(np.ascontiguousarray(features.transpose(0, 3, 1, 2)))
 
 
 def test_matches_numpy_reference(rng):
