@@ -243,6 +243,17 @@ def _random_geometry(original_hw: tf.Tensor, key: tf.Tensor, options: InputOptio
     return size, offset, content_size, flip
 
 
+def _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options):
+    """The features training and evaluation share: the canvas image and what maps it back to the original."""
+    return {
+        "image": _image_to_canvas(image, size, offset, content_size, flip, options),
+        "image_id": tf.cast(example["image_id"], tf.int64),
+        "original_size": tf.cast(original_hw, tf.int32),
+        "image_scale": scale_yx,
+        "image_size": content_size,
+    }
+
+
 def train_example(example: Mapping[str, Any], key: tf.Tensor, options: InputOptions) -> dict[str, tf.Tensor]:
     """A parsed dataset example (image and masks still encoded) -> fixed-shape training features.
 
@@ -252,15 +263,8 @@ def train_example(example: Mapping[str, Any], key: tf.Tensor, options: InputOpti
     original_hw = tf.shape(image)[:2]
     size, offset, content_size, flip = _random_geometry(original_hw, key, options)
     scale_yx = tf.cast(size, tf.float32) / tf.cast(original_hw, tf.float32)
-    features = {
-        "image": _image_to_canvas(image, size, offset, content_size, flip, options),
-        "image_id": tf.cast(example["image_id"], tf.int64),
-        "original_size": tf.cast(original_hw, tf.int32),
-        "image_scale": scale_yx,
-        "image_size": content_size,
-        "crop_offset": tf.cast(offset, tf.float32),
-        "flipped": flip,
-    }
+    features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options)
+    features.update(crop_offset=tf.cast(offset, tf.float32), flipped=flip)
     features.update(_ground_truth(example["objects"], original_hw, scale_yx, offset, content_size, flip, options))
     return features
 
@@ -276,14 +280,8 @@ def eval_example(example: Mapping[str, Any], options: InputOptions, with_ground_
     offset = tf.zeros([2], tf.int32)
     flip = tf.constant(False)
     scale_yx = tf.cast(size, tf.float32) / tf.cast(original_hw, tf.float32)
-    features = {
-        "image": _image_to_canvas(image, size, offset, content_size, flip, options),
-        "image_id": tf.cast(example["image_id"], tf.int64),
-        "original_size": tf.cast(original_hw, tf.int32),
-        "image_scale": scale_yx,
-        "image_size": content_size,
-        "example_valid": tf.constant(True),
-    }
+    features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options)
+    features["example_valid"] = tf.constant(True)
     if with_ground_truth:
         features.update(_ground_truth(example["objects"], original_hw, scale_yx, offset, content_size, flip, options))
     return features
