@@ -74,6 +74,7 @@ def get_config():
     d.canvas_size = (1344, 1344)
     d.short_side = 800
     d.long_side_max = 1333
+    d.size_rounding = "floor"  # torchvision: int(h * scale), so 600 x 512 becomes 937 x 800
     d.scale_jitter = (1.0, 1.0)
     d.pixel_mean = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
     d.pixel_std = (58.395, 57.12, 57.375)

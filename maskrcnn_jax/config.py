@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     data.mask_size = 112
     data.pixel_mean = (123.675, 116.28, 103.53)
     data.pixel_std = (58.395, 57.12, 57.375)
+    data.size_rounding = "round"  # or "floor", as torchvision makes the resized size whole
     data.mask_dtype = "float32"
     data.shuffle_buffer = 1024
     data.deterministic = True

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maskrcnn_jax import config as config_lib
-from maskrcnn_jax import evaluation
+from maskrcnn_jax import evaluation, inference
 from maskrcnn_jax.data import builder as data_builder
 from maskrcnn_jax.data import pipeline, synthetic
 from maskrcnn_jax.data.transforms import InputOptions
@@ -403,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        inference.write_categories(workdir, categories)
 
     model = build_model(config.model)
     state, tx = create_train_state(config, model)

@@ -21,24 +21,36 @@ def colour(label: int) -> tuple[int, int, int]:
     return int(255 * r), int(255 * g), int(255 * b)
 
 
-def draw_overlay(image: np.ndarray, detections: Mapping[str, np.ndarray], categories: CategoryMap,
-                 score_threshold: float = 0.5) -> Image.Image:
-    """image uint8 [h, w, 3]; detections in original pixels: boxes [N, 4] xyxy, scores [N], labels [N] 1..K,
-    masks [N, h, w] bool. Detections below `score_threshold` are left out."""
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's own pixels that touch a pixel outside it (4-neighbourhood; the image border counts as outside)."""
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def draw_overlay(image: np.ndarray, detections: Mapping[str, np.ndarray], categories: CategoryMap | None,
+                 score_threshold: float = 0.5, colour_by_instance: bool = False) -> Image.Image:
+    """image uint8 [h, w, 3]; detections in original pixels: boxes [N, 4] xyxy, scores [N], labels [N] 1..K (or
+    `names` [N] when categories is None), masks [N, h, w] bool. Each mask is tinted and outlined, each box drawn
+    with its class name and score, in a colour per label (or per instance). Detections below `score_threshold` are
+    left out."""
     pixels = np.asarray(image, np.float32).copy()
-    keep = np.asarray(detections["scores"]) >= score_threshold
-    boxes = np.asarray(detections["boxes"])[keep]
-    scores = np.asarray(detections["scores"])[keep]
-    labels = np.asarray(detections["labels"])[keep]
-    masks = np.asarray(detections["masks"])[keep]
-    for mask, label in zip(masks, labels):
-        pixels[mask] = (1 - MASK_OPACITY) * pixels[mask] + MASK_OPACITY * np.asarray(colour(int(label)))
+    keep = np.flatnonzero(np.asarray(detections["scores"]) >= score_threshold)
+    if categories is None:
+        names = [detections["names"][i] for i in keep]
+    else:
+        names = [categories.name(int(detections["labels"][i])) for i in keep]
+    colours = [colour(n + 1 if colour_by_instance else int(detections["labels"][i])) for n, i in enumerate(keep)]
+    for i, rgb in zip(keep, colours):
+        mask = np.asarray(detections["masks"][i], bool)
+        pixels[mask] = (1 - MASK_OPACITY) * pixels[mask] + MASK_OPACITY * np.asarray(rgb)
+        pixels[mask_outline(mask)] = rgb
     canvas = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for box, score, label in zip(boxes, scores, labels):
-        x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle([x1, y1, x2, y2], outline=colour(int(label)), width=2)
-        draw.text((x1 + 2, max(y1 - 11, 0)), f"{categories.name(int(label))} {score:.2f}", fill=(255, 255, 255))
+    for i, name, rgb in zip(keep, names, colours):
+        x1, y1, x2, y2 = (float(v) for v in detections["boxes"][i])
+        draw.rectangle([x1, y1, x2, y2], outline=rgb, width=2)
+        draw.text((x1 + 2, max(y1 - 11, 0)), f"{name} {float(detections['scores'][i]):.2f}", fill=(255, 255, 255))
     return canvas
 
 

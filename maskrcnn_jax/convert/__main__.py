@@ -16,10 +16,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maskrcnn_jax.convert.checkpoint import write_checkpoint
+from maskrcnn_jax.convert.coco_categories import coco_category_map
 from maskrcnn_jax.convert.defaults import DEFAULT_CONFIGS, default_config
 from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS, keep_class_slots
 from maskrcnn_jax.convert.detectron2 import from_detectron2, load_detectron2_pickle
 from maskrcnn_jax.convert.torchvision import from_torchvision, load_torch_file
+from maskrcnn_jax.inference import write_categories
 
 flags.DEFINE_enum("from", None, sorted(DEFAULT_CONFIGS), "Which library wrote the checkpoint.")
 flags.DEFINE_string("out", None, "Workdir to write the Orbax checkpoint and config.json into.")
@@ -48,6 +50,12 @@ def main(argv):
             raise app.UsageError("--class_slots applies to torchvision checkpoints only")
         imported = from_detectron2(load_detectron2_pickle(path), norm=norm, input_order=FLAGS.input_order)
     directory = write_checkpoint(FLAGS.out, config, imported)
+    categories = coco_category_map(config.model.num_classes)
+    if categories is not None:
+        write_categories(FLAGS.out, categories)
+    else:
+        logging.warning("%d classes is not a COCO layout: no categories.json written; prediction takes the names "
+                        "from the config's dataset", config.model.num_classes)
     logging.info("wrote %s (step 0) and %s/config.json", directory, FLAGS.out)
 
 

@@ -195,7 +195,7 @@ class LoadedImage:
     reencoded: bool  # False when the file's own bytes are kept
 
 
-def _to_rgb8(image: Image.Image) -> Image.Image:
+def to_rgb8(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16-bit keeps its high byte (as tf.image.convert_image_dtype does), alpha is
     dropped, palettes and grayscale are expanded."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -227,7 +227,7 @@ def load_image(path: str) -> LoadedImage:
             if image.format in ("JPEG", "PNG") and image.mode == "RGB" and orientation == 1:
                 with open(path, "rb") as f:
                     return LoadedImage(f.read(), image.height, image.width, reencoded=False)
-            upright = _to_rgb8(ImageOps.exif_transpose(image))
+            upright = to_rgb8(ImageOps.exif_transpose(image))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         # Pillow raises OSError for truncated data, UnidentifiedImageError for garbage, and
         # SyntaxError/ValueError from some format parsers on corrupt headers.

@@ -24,6 +24,7 @@ import tensorflow as tf
 # A box must keep at least this extent in canvas pixels after cropping to stay a ground-truth instance
 # (detectron2's filter_empty_instances threshold).
 MIN_BOX_SIDE = 1e-5
+SIZE_ROUNDINGS = ("round", "floor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class InputOptions:
     mask_size: int = 112
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB on the 0-255 scale
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # How the resized size is made whole: "round" (half to even; detectron2 and the TF Model Garden round) or
+    # "floor" (torchvision's GeneralizedRCNNTransform).
+    size_rounding: str = "round"
     mask_dtype: str = "float32"  # "float32": bilinear values in [0, 1]; "uint8": binarised at 0.5
     shuffle_buffer: int = 1024
     deterministic: bool = True  # order and content are a function of the seed (needed for exact resume)
@@ -53,6 +57,8 @@ class InputOptions:
     def __post_init__(self):
         if self.mask_dtype not in ("float32", "uint8"):
             raise ValueError(f"mask_dtype must be 'float32' or 'uint8', got {self.mask_dtype!r}")
+        if self.size_rounding not in SIZE_ROUNDINGS:
+            raise ValueError(f"size_rounding must be one of {SIZE_ROUNDINGS}, got {self.size_rounding!r}")
         if self.short_side is not None and self.long_side_max is None:
             raise ValueError("short_side needs long_side_max (use a large value for no limit)")
         lo, hi = self.scale_jitter
@@ -95,9 +101,10 @@ def resize_scale(height: tf.Tensor, width: tf.Tensor, options: InputOptions) -> 
     return tf.minimum(canvas_h / height, canvas_w / width)
 
 
-def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-    """Rounded (h_s, w_s) int32, at least 1 pixel each."""
-    size = tf.round(tf.stack([tf.cast(height, tf.float32), tf.cast(width, tf.float32)]) * scale)
+def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor, rounding: str = "round") -> tf.Tensor:
+    """Whole (h_s, w_s) int32 by `rounding` (InputOptions.size_rounding), at least 1 pixel each."""
+    exact = tf.stack([tf.cast(height, tf.float32), tf.cast(width, tf.float32)]) * scale
+    size = tf.floor(exact) if rounding == "floor" else tf.round(exact)
     return tf.maximum(tf.cast(size, tf.int32), 1)
 
 
@@ -230,7 +237,7 @@ def _random_geometry(original_hw: tf.Tensor, key: tf.Tensor, options: InputOptio
     lo, hi = options.scale_jitter
     jitter = tf.random.stateless_uniform([], jitter_key, minval=lo, maxval=hi) if hi > lo else tf.constant(lo)
     size = scaled_size(original_hw[0], original_hw[1],
-                       resize_scale(original_hw[0], original_hw[1], options) * jitter)
+                       resize_scale(original_hw[0], original_hw[1], options) * jitter, options.size_rounding)
     canvas = tf.constant(options.canvas_size, tf.int32)
     slack = tf.maximum(size - canvas, 0)
     offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], crop_key) * tf.cast(slack + 1, tf.float32)), tf.int32)
@@ -273,7 +280,8 @@ def eval_example(example: Mapping[str, Any], options: InputOptions, with_ground_
     """A parsed dataset example -> fixed-shape evaluation features: no jitter, no crop, no flip."""
     image = decode_image(example["image"])
     original_hw = tf.shape(image)[:2]
-    size = scaled_size(original_hw[0], original_hw[1], resize_scale(original_hw[0], original_hw[1], options))
+    size = scaled_size(original_hw[0], original_hw[1], resize_scale(original_hw[0], original_hw[1], options),
+                       options.size_rounding)
     canvas = tf.constant(options.canvas_size, tf.int32)
     # Eval images always fit (checked in pipeline.eval_dataset); the minimum only guards rounding.
     content_size = tf.minimum(size, canvas)

@@ -1,0 +1,29 @@
+"""COCO's category ids and names, for models imported from COCO checkpoints (their label maps travel with the
+workdir as categories.json, so prediction names classes without the dataset)."""
+
+from maskrcnn_jax.data.coco_format import CategoryMap
+from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS
+
+COCO_CATEGORY_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+UNUSED_SLOT_NAME = "N/A"
+
+
+def coco_category_map(num_classes: int) -> CategoryMap | None:
+    """The label map of a COCO model with `num_classes` outputs (background included): 91 is torchvision's layout
+    (label k is category id k; the 10 ids COCO never used are named N/A), 81 the contiguous 80 labels of our
+    pipeline and detectron2. None for any other size."""
+    if num_classes == 81:
+        return CategoryMap(COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES)
+    if num_classes == 91:
+        names = dict(zip(COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES))
+        return CategoryMap(tuple(range(1, 91)), tuple(names.get(i, UNUSED_SLOT_NAME) for i in range(1, 91)))
+    return None

@@ -1,0 +1,253 @@
+"""The host side of inference, in NumPy alone: image -> canvas batch, and fixed-size detections -> results in the
+original image's pixels and the dataset's category ids.
+
+`inference.Predictor` and the exported-model loader (`exported.py`) both run through `predict_images` here, so they
+prepare and map back identically. This module imports nothing from the rest of the package: copied next to
+exported.py it serves an exported model without this codebase.
+
+The resize is the evaluation pipeline's (data/transforms.py), in the same float32 steps: scale to fit the canvas
+(or short side / long side limit), make the size whole by `size_rounding`, resample bilinearly with half-pixel
+centres and no antialiasing (tf.image.resize, and torch's interpolate(align_corners=False)), normalise, pad.
+Masks are pasted as ops.paste_masks does (detectron2's rule: pixel centres read the 28 x 28 grid bilinearly, zero
+outside), here only over each box's own rows and columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+SIZE_ROUNDINGS = ("round", "floor")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSpec:
+    """Everything besides the network that inference needs: the canvas and resize, normalisation, the mask
+    threshold, the batch size the network runs at, and the label map (label k -> category_ids[k - 1])."""
+
+    canvas_size: tuple[int, int]
+    short_side: int | None
+    long_side_max: int | None
+    size_rounding: str
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    mask_threshold: float
+    batch_size: int
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.size_rounding not in SIZE_ROUNDINGS:
+            raise ValueError(f"size_rounding must be one of {SIZE_ROUNDINGS}, got {self.size_rounding!r}")
+        if len(self.category_ids) != len(self.names):
+            raise ValueError("category_ids and names differ in length")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "InferenceSpec":
+        values = json.loads(text)
+        for key in ("canvas_size", "pixel_mean", "pixel_std", "category_ids", "names"):
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images in.
+
+
+def as_rgb_uint8(image: Any) -> np.ndarray:
+    """uint8 [H, W, 3] from an H x W (grayscale), H x W x 1, x 3 or x 4 (RGBA: alpha dropped) array of uint8, or
+    uint16 (the high byte is kept, as the input pipeline does). Anything else is a ValueError saying what it got."""
+    array = np.asarray(image)
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (or uint16) arrays, got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images must be H x W, H x W x 1, 3 or 4, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"empty image of shape {array.shape}")
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
+def resized_size(height: int, width: int, spec: InferenceSpec) -> tuple[int, int]:
+    """(h_s, w_s) of the image on the canvas: transforms.resize_scale then scaled_size, in float32."""
+    h, w = np.float32(height), np.float32(width)
+    if spec.short_side is not None:
+        scale = min(np.float32(spec.short_side) / min(h, w), np.float32(spec.long_side_max) / max(h, w))
+    else:
+        scale = min(np.float32(spec.canvas_size[0]) / h, np.float32(spec.canvas_size[1]) / w)
+    exact = np.asarray([h, w], np.float32) * np.float32(scale)
+    whole = np.floor(exact) if spec.size_rounding == "floor" else np.round(exact)
+    return tuple(int(v) for v in np.maximum(whole, 1))
+
+
+def _axis_samples(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-pixel bilinear sampling along one axis: (lower index, upper index, upper weight) per output pixel."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(position)
+    lower = np.clip(floor, 0, in_size - 1).astype(np.intp)
+    upper = np.clip(np.ceil(position), 0, in_size - 1).astype(np.intp)
+    return lower, upper, (position - floor).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 or float [H, W, C] -> float32 [h, w, C], bilinear with half-pixel centres and no antialiasing
+    (interpolating along x, then y, as tf.image.resize does)."""
+    y_lower, y_upper, y_weight = _axis_samples(image.shape[0], size[0])
+    x_lower, x_upper, x_weight = _axis_samples(image.shape[1], size[1])
+
+    def along_x(rows):
+        rows = rows.astype(np.float32)
+        left, right = rows[:, x_lower], rows[:, x_upper]
+        return left + (right - left) * x_weight[None, :, None]
+
+    top, bottom = along_x(image[y_lower]), along_x(image[y_upper])
+    return top + (bottom - top) * y_weight[:, None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedImage:
+    canvas: np.ndarray  # float32 [Hc, Wc, 3], normalised, the image in the top-left window
+    image_size: tuple[int, int]  # the window
+    original_size: tuple[int, int]
+
+
+def prepare_image(image: Any, spec: InferenceSpec) -> PreparedImage:
+    rgb = as_rgb_uint8(image)
+    size = resized_size(rgb.shape[0], rgb.shape[1], spec)
+    canvas_h, canvas_w = spec.canvas_size
+    if size[0] > canvas_h or size[1] > canvas_w:
+        raise ValueError(f"an image resized to {size} does not fit the {spec.canvas_size} canvas: the config's "
+                         f"long_side_max is larger than the canvas")
+    canvas = np.zeros((canvas_h, canvas_w, 3), np.float32)
+    resized = resize_bilinear(rgb, size)
+    canvas[: size[0], : size[1]] = (resized - np.asarray(spec.pixel_mean, np.float32)) / np.asarray(
+        spec.pixel_std, np.float32)
+    return PreparedImage(canvas, size, rgb.shape[:2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results out.
+
+
+def _paste_axis_weights(start: float, end: float, first: int, stop: int, mask_size: int) -> np.ndarray:
+    """[stop - first, m] weights of pixels first..stop-1 on the mask grid over [start, end] (ops.masks' rule)."""
+    centres = np.arange(first, stop, dtype=np.float32) + np.float32(0.5)
+    positions = (centres - np.float32(start)) / np.float32(end - start) * np.float32(mask_size) - np.float32(0.5)
+    cells = np.arange(mask_size, dtype=np.float32)
+    return np.maximum(np.float32(0), np.float32(1) - np.abs(positions[:, None] - cells))
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
+    """[N, m, m] probabilities in xyxy `boxes` [N, 4] (image pixels) -> bool [N, height, width]."""
+    masks = np.asarray(masks, np.float32)
+    mask_size = masks.shape[-1]
+    out = np.zeros((len(masks), height, width), bool)
+    for mask, (x1, y1, x2, y2), target in zip(masks, np.asarray(boxes, np.float32), out):
+        if not (x2 > x1 and y2 > y1):
+            continue
+        # Only pixels within half a mask cell of the box can read a non-zero value.
+        margin_y, margin_x = 0.5 * (y2 - y1) / mask_size + 1, 0.5 * (x2 - x1) / mask_size + 1
+        top, bottom = max(int(np.floor(y1 - margin_y)), 0), min(int(np.ceil(y2 + margin_y)), height)
+        left, right = max(int(np.floor(x1 - margin_x)), 0), min(int(np.ceil(x2 + margin_x)), width)
+        if top >= bottom or left >= right:
+            continue
+        rows = _paste_axis_weights(y1, y2, top, bottom, mask_size)
+        columns = _paste_axis_weights(x1, x2, left, right, mask_size)
+        target[top:bottom, left:right] = (rows @ mask @ columns.T) >= threshold
+    return out
+
+
+def boxes_to_original(boxes: np.ndarray, image_size: Sequence[int], original_size: Sequence[int]) -> np.ndarray:
+    """Canvas xyxy -> original pixels (divided by the window-to-original ratio per axis), clipped to the image."""
+    scale_y = np.float32(image_size[0]) / np.float32(original_size[0])
+    scale_x = np.float32(image_size[1]) / np.float32(original_size[1])
+    out = np.asarray(boxes, np.float32) / np.asarray([scale_x, scale_y, scale_x, scale_y], np.float32)
+    out[:, 0::2] = np.clip(out[:, 0::2], 0, original_size[1])
+    out[:, 1::2] = np.clip(out[:, 1::2], 0, original_size[0])
+    return out
+
+
+def image_results(outputs: Mapping[str, np.ndarray], prepared: PreparedImage, spec: InferenceSpec,
+                  score_threshold: float) -> dict[str, Any]:
+    """One image's fixed-size network outputs (boxes [D, 4] on the canvas, scores, classes 1..K, masks [D, m, m],
+    valid [D]) -> {'boxes' [N, 4] original xyxy, 'scores' [N], 'labels' [N] category ids, 'names', 'masks'
+    [N, H, W] bool}, the valid detections scoring at least `score_threshold`, best first."""
+    keep = np.asarray(outputs["valid"], bool) & (np.asarray(outputs["scores"]) >= score_threshold)
+    order = np.argsort(-np.asarray(outputs["scores"])[keep], kind="stable")
+    classes = np.asarray(outputs["classes"])[keep][order]
+    boxes = boxes_to_original(np.asarray(outputs["boxes"])[keep][order], prepared.image_size, prepared.original_size)
+    height, width = prepared.original_size
+    label_to_id = np.asarray((-1,) + tuple(spec.category_ids), np.int64)
+    return {
+        "boxes": boxes,
+        "scores": np.asarray(outputs["scores"], np.float32)[keep][order],
+        "labels": label_to_id[classes],
+        "names": [spec.names[c - 1] for c in classes],
+        "masks": paste_masks(np.asarray(outputs["masks"])[keep][order], boxes, height, width, spec.mask_threshold),
+    }
+
+
+RunBatch = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
+
+
+def predict_images(images: Iterable[Any], run_batch: RunBatch, spec: InferenceSpec, score_threshold: float
+                   ) -> Iterator[dict[str, Any]]:
+    """Runs `run_batch(canvases [B, Hc, Wc, 3] float32, image_sizes [B, 2] int32)` over the images in batches of
+    spec.batch_size (the last one filled up by repeating its final image) and yields each image's results in
+    order, one batch in memory at a time."""
+    pending: list[PreparedImage] = []
+
+    def finish_batch():
+        filled = pending + [pending[-1]] * (spec.batch_size - len(pending))
+        canvases = np.stack([p.canvas for p in filled])
+        sizes = np.asarray([p.image_size for p in filled], np.int32)
+        outputs = {k: np.asarray(v) for k, v in run_batch(canvases, sizes).items()}
+        results = [image_results({k: v[i] for k, v in outputs.items()}, prepared, spec, score_threshold)
+                   for i, prepared in enumerate(pending)]
+        pending.clear()
+        return results
+
+    for image in images:
+        pending.append(prepare_image(image, spec))
+        if len(pending) == spec.batch_size:
+            yield from finish_batch()
+    if pending:
+        yield from finish_batch()
+
+
+def is_single_image(images: Any) -> bool:
+    """A lone array (H x W or H x W x C) rather than a list or batch of images."""
+    return isinstance(images, np.ndarray) and images.ndim in (2, 3)
+
+
+class ImagePredictor:
+    """Images in, results out, for any network that provides `spec` and `run_batch` (see predict_images):
+    calling it on one image returns its result dict, on a list of images a list of them."""
+
+    spec: InferenceSpec
+
+    def run_batch(self, canvases: np.ndarray, image_sizes: np.ndarray) -> Mapping[str, np.ndarray]:
+        raise NotImplementedError
+
+    def predict_iter(self, images: Iterable[Any], score_threshold: float = 0.5) -> Iterator[dict[str, Any]]:
+        """Results of each image in order, computed a batch at a time."""
+        return predict_images(images, self.run_batch, self.spec, score_threshold)
+
+    def __call__(self, images: Any, score_threshold: float = 0.5) -> dict[str, Any] | list[dict[str, Any]]:
+        if is_single_image(images):
+            return next(self.predict_iter([images], score_threshold))
+        return list(self.predict_iter(images, score_threshold))

@@ -1,0 +1,139 @@
+"""`maskrcnn-predict`: run a workdir's model on image files, write overlays and a COCO results JSON.
+
+    maskrcnn-predict --workdir=workdir/shapes_demo photos/*.jpg --out=predictions [--score-threshold=0.5]
+                     [--polygons] [--batch-size=1]
+
+Writes into OUT:
+    <name>.png      each image with its detections: a colour per instance, mask tint and outline, box, class, score
+    results.json    COCO results (image_id, category_id, bbox xywh, score, segmentation as RLE; with --polygons
+                    also "polygons", lists of x, y, x, y, ... in pixel coordinates)
+    images.json     {"images": [{id, file_name, height, width}], "categories": [...]}: the image ids results.json
+                    uses, so that pycocotools' COCO(images.json).loadRes(results.json) works
+Files that cannot be read are reported and skipped; the rest go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from maskrcnn_jax import evaluation
+
+
+def read_image(path: str) -> np.ndarray:
+    """Upright (EXIF orientation applied) uint8 RGB of any image file Pillow reads, gray, RGBA and 16-bit
+    included. OSError / ValueError for files it cannot read."""
+    from maskrcnn_jax.data.coco_format import to_rgb8
+
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(to_rgb8(ImageOps.exif_transpose(image)))
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """Outer and inner boundaries of a bool mask as COCO polygons [x1, y1, x2, y2, ...] in continuous pixel
+    coordinates: the 0.5 level of the zero-padded mask, which runs along pixel edges."""
+    import contourpy
+
+    padded = np.pad(mask.astype(np.float64), 1)
+    lines = contourpy.contour_generator(z=padded, line_type="Separate").lines(0.5)
+    # Index (i, j) of the padded grid is the centre of pixel (i - 1, j - 1), i.e. continuous coordinate i - 0.5.
+    return [(line - 0.5).ravel().round(2).tolist() for line in lines if len(line) >= 3]
+
+
+def _output_names(paths: Sequence[str]) -> list[str]:
+    """One overlay name per input: its stem, with a numeric suffix where two inputs share a stem."""
+    names, seen = [], {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def predict_files(predictor, paths: Sequence[str], out_dir: str, score_threshold: float = 0.5,
+                  polygons: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs `predictor` over `paths` and writes OUT (see the module doc). Returns {'images', 'detections',
+    'unreadable': [(path, reason)]}."""
+    from tqdm import tqdm
+
+    from maskrcnn_jax import visualize
+
+    os.makedirs(out_dir, exist_ok=True)
+    names = _output_names(paths)
+    loaded: list[tuple[int, str, str, np.ndarray]] = []  # (image id, path, overlay name, pixels) in feed order
+    unreadable: list[tuple[str, str]] = []
+    bar = tqdm(total=len(paths), unit="image", disable=not progress)
+
+    def readable_images() -> Iterator[np.ndarray]:
+        for image_id, (path, name) in enumerate(zip(paths, names), start=1):
+            try:
+                pixels = read_image(path)
+            except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as e:
+                unreadable.append((path, str(e)))
+                bar.write(f"skipping {path}: {e}", file=sys.stderr)
+                bar.update(1)
+                continue
+            loaded.append((image_id, path, name, pixels))
+            yield pixels
+
+    results, images = [], []
+    category_ids = predictor.spec.category_ids
+    done = 0
+    for result in predictor.predict_iter(readable_images(), score_threshold):
+        image_id, path, name, pixels = loaded[done]
+        loaded[done] = None  # the pixels are no longer needed
+        done += 1
+        images.append({"id": image_id, "file_name": os.path.abspath(path), "height": int(pixels.shape[0]),
+                       "width": int(pixels.shape[1])})
+        overlay = visualize.draw_overlay(pixels, result, None, score_threshold, colour_by_instance=True)
+        overlay.save(os.path.join(out_dir, f"{name}.png"))
+        for k, rle in enumerate(evaluation.encode_masks(result["masks"])):
+            x1, y1, x2, y2 = (float(v) for v in result["boxes"][k])
+            entry = {"image_id": image_id, "category_id": int(result["labels"][k]),
+                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(result["scores"][k]), "segmentation": rle}
+            if polygons:
+                entry["polygons"] = mask_polygons(result["masks"][k])
+            results.append(entry)
+        bar.update(1)
+    bar.close()
+    categories = [{"id": int(c), "name": n} for c, n in zip(category_ids, predictor.spec.names)]
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(out_dir, "images.json"), "w") as f:
+        json.dump({"images": images, "categories": categories, "annotations": []}, f)
+    return {"images": len(images), "detections": len(results), "unreadable": unreadable}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="maskrcnn-predict", description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("--workdir", required=True, help="training or import workdir (best, else latest checkpoint)")
+    parser.add_argument("--out", required=True, help="directory for the overlays and JSON files")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
+    parser.add_argument("--polygons", action="store_true", help="also write mask polygons into results.json")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per network call")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
+    from maskrcnn_jax.inference import Predictor
+
+    hide_accelerators_from_tensorflow()
+    predictor = Predictor.from_checkpoint(args.workdir, batch_size=args.batch_size)
+    summary = predict_files(predictor, args.images, args.out, args.score_threshold, args.polygons)
+    print(f"{summary['images']} images, {summary['detections']} detections written to {args.out}"
+          + (f"; {len(summary['unreadable'])} unreadable files skipped" if summary["unreadable"] else ""))
+    return 1 if summary["images"] == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Predictor, maskrcnn-predict and the exported model, on a checkpoint the module trains itself (configs/test.py on
+a 64 px canvas, a few steps: enough for real detections with real masks at score threshold 0)."""
+
+import io
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from maskrcnn_jax import inference_io, ops, predict, train
+from maskrcnn_jax.data import transforms
+from maskrcnn_jax.export import export_predictor
+from maskrcnn_jax.exported import ExportedModel
+from maskrcnn_jax.inference import Predictor
+from test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    config = tiny_config(str(root / "data"), num_steps=4, checkpoint_every=2)
+    config.train.final_eval = True
+    train.train_and_evaluate(config, str(root / "run"))
+    return str(root / "run")
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+    return Predictor.from_checkpoint(workdir)
+
+
+def photo(rng, height, width, channels=3):
+    """A smooth random image (a bilinear upsampling of coarse noise), so that resampling errors stay small."""
+    coarse = rng.uniform(0, 255, (4, 4, channels)).astype(np.float32)
+    image = inference_io.resize_bilinear(coarse, (height, width))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def assert_results_equal(a, b):
+    np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-4)
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-6)
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert a["names"] == b["names"]
+    assert (a["masks"] != b["masks"]).mean() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host-side preparation against the evaluation pipeline and ops.paste_masks.
+
+
+@pytest.mark.parametrize("rounding", ["round", "floor"])
+@pytest.mark.parametrize("short_side", [None, 48])
+def test_prepared_canvas_equals_the_eval_pipeline(rng, rounding, short_side):
+    options = transforms.InputOptions(canvas_size=(96, 112), short_side=short_side,
+                                      long_side_max=None if short_side is None else 90, size_rounding=rounding)
+    spec = inference_io.InferenceSpec((96, 112), options.short_side, options.long_side_max, rounding,
+                                      options.pixel_mean, options.pixel_std, 0.5, 1, (1,), ("thing",))
+    for height, width in [(37, 101), (300, 211), (15, 12)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format="PNG")
+        expected = transforms.eval_example({"image": encoded.getvalue(), "image_id": 1}, options, False)
+        prepared = inference_io.prepare_image(image, spec)
+        assert prepared.image_size == tuple(expected["image_size"].numpy())
+        np.testing.assert_allclose(prepared.canvas, expected["image"].numpy(), atol=2e-5)
+
+
+def test_paste_masks_equals_ops_paste_masks(rng):
+    height, width = 70, 90
+    masks = rng.uniform(0, 1, (12, 28, 28)).astype(np.float32)
+    x1, y1 = rng.uniform(-20, 80, 12), rng.uniform(-20, 60, 12)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(0.5, 60, 12), y1 + rng.uniform(0.5, 40, 12)], 1).astype(np.float32)
+    boxes[0, 2] = boxes[0, 0]  # a degenerate box pastes nothing
+    ours = inference_io.paste_masks(masks, boxes, height, width, 0.5)
+    reference = np.asarray(ops.paste_masks(jnp.asarray(masks), jnp.asarray(boxes), (height, width)))
+    probabilities = np.asarray(ops.paste_mask_probabilities(jnp.asarray(masks), jnp.asarray(boxes), (height, width)))
+    decided = np.abs(probabilities - 0.5) > 1e-5  # float32 summation order may flip exact ties
+    np.testing.assert_array_equal(ours[decided], reference[decided])
+    assert ours.sum() > 1000 and not ours[0].any()
+
+
+def test_images_that_are_not_8_or_16_bit_arrays_are_refused():
+    for bad in [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4, 3), np.uint8)]:
+        with pytest.raises(ValueError):
+            inference_io.as_rgb_uint8(bad)
+    gray16 = np.full((2, 2), 0xABCD, np.uint16)
+    np.testing.assert_array_equal(inference_io.as_rgb_uint8(gray16), np.full((2, 2, 3), 0xAB, np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Predictor.
+
+
+def test_any_size_gray_and_rgba_give_results_in_original_pixels(predictor, rng):
+    images = [photo(rng, 40, 50), photo(rng, 3000, 4000), photo(rng, 120, 90)[..., 0],
+              photo(rng, 90, 120, channels=4)]
+    results = predictor(images, score_threshold=0.0)
+    assert len(results) == len(images)
+    for image, result in zip(images, results):
+        height, width = image.shape[:2]
+        count = len(result["scores"])
+        assert count > 0
+        assert result["boxes"].shape == (count, 4) and result["masks"].shape == (count, height, width)
+        assert result["masks"].dtype == bool and result["masks"].any()
+        assert len(result["names"]) == count and set(result["names"]) <= set(predictor.categories.names)
+        assert set(result["labels"].tolist()) <= set(predictor.categories.category_ids)
+        assert np.all(np.diff(result["scores"]) <= 0)
+        boxes = result["boxes"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        for mask, (x1, y1, x2, y2) in zip(result["masks"], boxes):  # masks never leave their box
+            rows, columns = np.nonzero(mask)
+            if len(rows):
+                assert rows.min() >= np.floor(y1) and rows.max() < np.ceil(y2)
+                assert columns.min() >= np.floor(x1) and columns.max() < np.ceil(x2)
+    # RGBA is its RGB, gray its repetition.
+    assert_results_equal(results[3], predictor(np.ascontiguousarray(images[3][..., :3]), score_threshold=0.0))
+    assert_results_equal(results[2], predictor(np.repeat(images[2][..., None], 3, -1), score_threshold=0.0))
+
+
+def test_a_batch_gives_each_image_its_own_result(workdir, predictor, rng):
+    images = [photo(rng, 64, 64), photo(rng, 30, 70), photo(rng, 100, 40)]
+    batched = Predictor(predictor.config, predictor.variables, predictor.categories, batch_size=2)
+    for alone, together in zip([predictor(image, score_threshold=0.0) for image in images],
+                               batched(images, score_threshold=0.0)):
+        assert_results_equal(alone, together)
+
+
+def test_score_threshold_only_filters(predictor, rng):
+    image = photo(rng, 64, 64)
+    everything = predictor(image, score_threshold=0.0)
+    threshold = float(np.median(everything["scores"]))
+    kept = predictor(image, score_threshold=threshold)
+    selected = everything["scores"] >= threshold
+    assert 0 < len(kept["scores"]) < len(everything["scores"])
+    np.testing.assert_array_equal(kept["scores"], everything["scores"][selected])
+    np.testing.assert_array_equal(kept["masks"], everything["masks"][selected])
+
+
+def test_from_checkpoint_takes_the_best_evaluated_step(workdir, tmp_path):
+    from maskrcnn_jax import inference
+
+    manager = train.checkpoint_manager(workdir, inference.read_config(workdir))
+    try:
+        assert sorted(manager.all_steps()) == [2, 4]
+        assert inference.checkpoint_step(workdir, manager) == 4  # only step 4 was evaluated
+        metrics_file = os.path.join(workdir, "eval_metrics.jsonl")
+        original = open(metrics_file).read()
+        try:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({"step": 2, train.BEST_METRIC: 2.0}) + "\n")
+            assert inference.checkpoint_step(workdir, manager) == 2
+        finally:
+            with open(metrics_file, "w") as f:
+                f.write(original)
+    finally:
+        manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export.
+
+
+def test_the_exported_model_matches_the_predictor(predictor, tmp_path, rng):
+    out = export_predictor(predictor, str(tmp_path / "exported"))
+    loaded = ExportedModel(out)
+    assert loaded.spec == predictor.spec
+    images = [photo(rng, 64, 64), photo(rng, 200, 150, channels=4)]
+    for expected, actual in zip(predictor(images, score_threshold=0.0), loaded(images, score_threshold=0.0)):
+        assert_results_equal(expected, actual)
+
+
+# ----------------------------------------------------------------------------------------------------
+# maskrcnn-predict.
+
+
+def overlay_regions(result, height, width):
+    """(mask interiors away from every box outline and label, pixels far from every box and label)."""
+    near_drawing = np.zeros((height, width), bool)
+    for (x1, y1, x2, y2), name in zip(result["boxes"], result["names"]):
+        text_right = x1 + 2 + 8 * (len(name) + 5)
+        near_drawing[max(int(y1) - 14, 0):int(np.ceil(y2)) + 3, max(int(x1) - 3, 0):int(max(x2, text_right)) + 4] = True
+    outlines = np.zeros((height, width), bool)
+    for (x1, y1, x2, y2) in result["boxes"]:
+        outlines[max(int(y1) - 14, 0):int(y1) + 3, max(int(x1) - 3, 0):] = True  # box top and its label
+        for x in (x1, x2):
+            outlines[max(int(y1) - 2, 0):int(y2) + 3, max(int(x) - 2, 0):int(x) + 3] = True
+        outlines[max(int(y2) - 2, 0):int(y2) + 3, max(int(x1) - 2, 0):int(x2) + 3] = True
+    tinted = result["masks"].any(0) & ~outlines
+    return tinted, ~near_drawing
+
+
+def test_predict_cli_writes_overlays_and_a_coco_results_json(workdir, predictor, tmp_path, rng):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pictures = {"plain.png": photo(rng, 96, 128), "gray.png": photo(rng, 80, 80)[..., 0],
+                "rgba.png": photo(rng, 70, 90, channels=4)}
+    for name, pixels in pictures.items():
+        Image.fromarray(pixels).save(inputs / name)
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    paths = [str(inputs / n) for n in ["plain.png", "broken.jpg", "gray.png", "rgba.png"]]
+    out = tmp_path / "out"
+
+    assert predict.main(["--workdir", workdir, "--out", str(out), "--score-threshold", "0", "--polygons"] + paths) == 0
+
+    assert sorted(os.listdir(out)) == ["gray.png", "images.json", "plain.png", "results.json", "rgba.png"]
+    coco = COCO(str(out / "images.json"))
+    detections = coco.loadRes(str(out / "results.json"))
+    assert sorted(coco.getImgIds()) == [1, 3, 4]  # the broken file keeps its position and is left out
+    assert len(detections.getAnnIds()) > 0
+    for entry in json.load(open(out / "results.json")):
+        assert entry["polygons"] and all(len(p) >= 6 and len(p) % 2 == 0 for p in entry["polygons"])
+
+    # Pixel statistics of the overlay of plain.png: tinted inside the predicted masks, untouched away from them.
+    original = pictures["plain.png"]
+    overlay = np.asarray(Image.open(out / "plain.png").convert("RGB"))
+    result = predictor(original, score_threshold=0.0)
+    tinted, untouched = overlay_regions(result, *original.shape[:2])
+    assert tinted.sum() > 20 and untouched.sum() > 20
+    changed = np.any(overlay != original, axis=-1)
+    assert changed[tinted].mean() > 0.95
+    assert not changed[untouched].any()
+
+
+def test_mask_polygons_trace_the_mask():
+    mask = np.zeros((10, 12), bool)
+    mask[2:5, 3:9] = True  # a 3 x 6 rectangle: x from 3 to 9, y from 2 to 5 in continuous coordinates
+    (polygon,) = predict.mask_polygons(mask)
+    points = np.asarray(polygon).reshape(-1, 2)
+    np.testing.assert_allclose(points.min(0), [3, 2], atol=0.5)
+    np.testing.assert_allclose(points.max(0), [9, 5], atol=0.5)
