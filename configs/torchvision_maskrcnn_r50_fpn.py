@@ -14,6 +14,7 @@ Inference, as torchvision's GeneralizedRCNNTransform / RPN / RoIHeads do it:
   * RoIAlign with aligned=False and sampling ratio 2 (torchvision's MultiScaleRoIAlign).
   * 91 label slots: label k is COCO category id k (slot 0 background, the 10 unused ids never fire), score > 0.05,
     class-wise NMS 0.5, 100 detections, boxes smaller than 1e-2 dropped.
+  * The resized size floored, and masks pasted as its paste_masks_in_image does.
 Training settings follow torchvision's detection reference recipe where they differ from detectron2's: 2000
 proposals kept per image in training, smooth-L1 with beta 1/9, the last three ResNet stages trainable.
 """
@@ -75,6 +76,8 @@ def get_config():
     d.short_side = 800
     d.long_side_max = 1333
     d.size_rounding = "floor"  # torchvision: int(h * scale), so 600 x 512 becomes 937 x 800
+
+    config.eval.mask_paste = "torchvision"  # its paste_masks_in_image: padded grid, integer boxes
     d.scale_jitter = (1.0, 1.0)
     d.pixel_mean = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
     d.pixel_std = (58.395, 57.12, 57.375)

@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     evaluation.batch_size = 8  # global
     evaluation.max_dets = 100  # COCOeval's third maxDets (AP and AR100 use it), at least 10
     evaluation.mask_threshold = 0.5
+    evaluation.mask_paste = "detectron2"  # or "torchvision": how 28 x 28 masks are pasted into the image
     evaluation.num_overlays = 0  # PNGs of predictions on the first validation images, in WORKDIR/overlays
     evaluation.overlay_score_threshold = 0.5
     return config

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn_jax import ops
+from maskrcnn_jax import inference_io, ops
 from maskrcnn_jax.data import pipeline
 from maskrcnn_jax.data.coco_format import CategoryMap
 from maskrcnn_jax.data.transforms import InputOptions
@@ -183,7 +184,7 @@ class MaskPaster:
 
 
 def detections_to_results(predictions: Mapping[str, np.ndarray], image_id: int, original_size, image_scale,
-                          categories: CategoryMap, paster: MaskPaster | None) -> tuple[list[dict], dict]:
+                          categories: CategoryMap, paster: Callable | None) -> tuple[list[dict], dict]:
     """One image's fixed-size predictions (boxes [D, 4] canvas, scores, classes 1..K, masks [D, 28, 28],
     valid [D]) -> (COCO result dicts, {'boxes', 'scores', 'labels', 'masks'} in original pixels)."""
     valid = np.asarray(predictions["valid"], bool)
@@ -237,7 +238,11 @@ class Evaluator:
         self.workdir = workdir
         self.options = InputOptions.from_config(config.data)
         self.coco_gt = None
-        self.paster = MaskPaster(config.eval.mask_threshold)
+        if config.eval.get("mask_paste", "detectron2") == "detectron2":
+            self.paster = MaskPaster(config.eval.mask_threshold)
+        else:  # the other rules are pasted on the host, as the Predictor does
+            self.paster = functools.partial(inference_io.paste_masks, threshold=config.eval.mask_threshold,
+                                            rule=config.eval.mask_paste)
         batch_sharding = NamedSharding(mesh, P("data"))
         replicated = NamedSharding(mesh, P())
 

@@ -8,8 +8,8 @@ exported.py it serves an exported model without this codebase.
 The resize is the evaluation pipeline's (data/transforms.py), in the same float32 steps: scale to fit the canvas
 (or short side / long side limit), make the size whole by `size_rounding`, resample bilinearly with half-pixel
 centres and no antialiasing (tf.image.resize, and torch's interpolate(align_corners=False)), normalise, pad.
-Masks are pasted as ops.paste_masks does (detectron2's rule: pixel centres read the 28 x 28 grid bilinearly, zero
-outside), here only over each box's own rows and columns.
+Masks are pasted by detectron2's rule as ops.paste_masks does (pixel centres read the 28 x 28 grid bilinearly, zero
+outside), here only over each box's own rows and columns, or by torchvision's (for parity with its models).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 SIZE_ROUNDINGS = ("round", "floor")
+# "detectron2": pixel centres read the m x m grid bilinearly in the exact box (ops.paste_masks);
+# "torchvision": the grid, padded by one zero cell, is resized into the grown box rounded to whole pixels.
+MASK_PASTE_RULES = ("detectron2", "torchvision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class InferenceSpec:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     mask_threshold: float
+    mask_paste: str  # MASK_PASTE_RULES
     batch_size: int
     category_ids: tuple[int, ...]
     names: tuple[str, ...]
@@ -42,6 +46,8 @@ class InferenceSpec:
     def __post_init__(self):
         if self.size_rounding not in SIZE_ROUNDINGS:
             raise ValueError(f"size_rounding must be one of {SIZE_ROUNDINGS}, got {self.size_rounding!r}")
+        if self.mask_paste not in MASK_PASTE_RULES:
+            raise ValueError(f"mask_paste must be one of {MASK_PASTE_RULES}, got {self.mask_paste!r}")
         if len(self.category_ids) != len(self.names):
             raise ValueError("category_ids and names differ in length")
         if self.batch_size < 1:
@@ -151,31 +157,63 @@ def _paste_axis_weights(start: float, end: float, first: int, stop: int, mask_si
     return np.maximum(np.float32(0), np.float32(1) - np.abs(positions[:, None] - cells))
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
-    """[N, m, m] probabilities in xyxy `boxes` [N, 4] (image pixels) -> bool [N, height, width]."""
+def _paste_detectron2(mask: np.ndarray, box: np.ndarray, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
+    x1, y1, x2, y2 = box
+    mask_size = mask.shape[-1]
+    # Only pixels within half a mask cell of the box can read a non-zero value.
+    margin_y, margin_x = 0.5 * (y2 - y1) / mask_size + 1, 0.5 * (x2 - x1) / mask_size + 1
+    top, bottom = max(int(np.floor(y1 - margin_y)), 0), min(int(np.ceil(y2 + margin_y)), height)
+    left, right = max(int(np.floor(x1 - margin_x)), 0), min(int(np.ceil(x2 + margin_x)), width)
+    if top >= bottom or left >= right:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32)
+    rows = _paste_axis_weights(y1, y2, top, bottom, mask_size)
+    columns = _paste_axis_weights(x1, x2, left, right, mask_size)
+    return slice(top, bottom), slice(left, right), rows @ mask @ columns.T
+
+
+def _paste_torchvision(mask: np.ndarray, box: np.ndarray, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
+    """torchvision's paste_masks_in_image, in its float32 steps: pad the grid by one zero cell, grow the box about
+    its centre by (m + 2) / m, truncate it to integers, resize the padded grid to (y1 - y0 + 1, x1 - x0 + 1)
+    pixels and place it there."""
+    mask_size = mask.shape[-1]
+    scale = np.float32((mask_size + 2) / mask_size)
+    x1, y1, x2, y2 = box
+    half_w, half_h = (x2 - x1) * np.float32(0.5) * scale, (y2 - y1) * np.float32(0.5) * scale
+    centre_x, centre_y = (x2 + x1) * np.float32(0.5), (y2 + y1) * np.float32(0.5)
+    grown = np.trunc(np.asarray([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h]))
+    x0, y0, x1, y1 = (int(v) for v in grown)
+    resized = resize_bilinear(np.pad(mask, 1)[..., None], (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)))[..., 0]
+    top, bottom, left, right = max(y0, 0), min(y1 + 1, height), max(x0, 0), min(x1 + 1, width)
+    if top >= bottom or left >= right:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32)
+    return slice(top, bottom), slice(left, right), resized[top - y0:bottom - y0, left - x0:right - x0]
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float,
+                rule: str = "detectron2") -> np.ndarray:
+    """[N, m, m] probabilities in xyxy `boxes` [N, 4] (image pixels) -> bool [N, height, width], pasted by `rule`
+    (MASK_PASTE_RULES) and binarised as each library does: detectron2 keeps probabilities >= threshold,
+    torchvision's evaluation those > threshold (saturated masks paste many pixels of exactly 0.5)."""
+    if rule not in MASK_PASTE_RULES:
+        raise ValueError(f"mask paste rule must be one of {MASK_PASTE_RULES}, got {rule!r}")
+    paste_one = _paste_detectron2 if rule == "detectron2" else _paste_torchvision
+    binarise = np.greater_equal if rule == "detectron2" else np.greater
     masks = np.asarray(masks, np.float32)
-    mask_size = masks.shape[-1]
     out = np.zeros((len(masks), height, width), bool)
-    for mask, (x1, y1, x2, y2), target in zip(masks, np.asarray(boxes, np.float32), out):
-        if not (x2 > x1 and y2 > y1):
+    for mask, box, target in zip(masks, np.asarray(boxes, np.float32), out):
+        if not (box[2] > box[0] and box[3] > box[1]):
             continue
-        # Only pixels within half a mask cell of the box can read a non-zero value.
-        margin_y, margin_x = 0.5 * (y2 - y1) / mask_size + 1, 0.5 * (x2 - x1) / mask_size + 1
-        top, bottom = max(int(np.floor(y1 - margin_y)), 0), min(int(np.ceil(y2 + margin_y)), height)
-        left, right = max(int(np.floor(x1 - margin_x)), 0), min(int(np.ceil(x2 + margin_x)), width)
-        if top >= bottom or left >= right:
-            continue
-        rows = _paste_axis_weights(y1, y2, top, bottom, mask_size)
-        columns = _paste_axis_weights(x1, x2, left, right, mask_size)
-        target[top:bottom, left:right] = (rows @ mask @ columns.T) >= threshold
+        rows, columns, values = paste_one(mask, box, height, width)
+        target[rows, columns] = binarise(values, threshold)
     return out
 
 
 def boxes_to_original(boxes: np.ndarray, image_size: Sequence[int], original_size: Sequence[int]) -> np.ndarray:
-    """Canvas xyxy -> original pixels (divided by the window-to-original ratio per axis), clipped to the image."""
-    scale_y = np.float32(image_size[0]) / np.float32(original_size[0])
-    scale_x = np.float32(image_size[1]) / np.float32(original_size[1])
-    out = np.asarray(boxes, np.float32) / np.asarray([scale_x, scale_y, scale_x, scale_y], np.float32)
+    """Canvas xyxy -> original pixels: times original / resized per axis in float32 (torchvision's and
+    detectron2's arithmetic), clipped to the image."""
+    ratio_y = np.float32(original_size[0]) / np.float32(image_size[0])
+    ratio_x = np.float32(original_size[1]) / np.float32(image_size[1])
+    out = np.asarray(boxes, np.float32) * np.asarray([ratio_x, ratio_y, ratio_x, ratio_y], np.float32)
     out[:, 0::2] = np.clip(out[:, 0::2], 0, original_size[1])
     out[:, 1::2] = np.clip(out[:, 1::2], 0, original_size[0])
     return out
@@ -197,7 +235,8 @@ def image_results(outputs: Mapping[str, np.ndarray], prepared: PreparedImage, sp
         "scores": np.asarray(outputs["scores"], np.float32)[keep][order],
         "labels": label_to_id[classes],
         "names": [spec.names[c - 1] for c in classes],
-        "masks": paste_masks(np.asarray(outputs["masks"])[keep][order], boxes, height, width, spec.mask_threshold),
+        "masks": paste_masks(np.asarray(outputs["masks"])[keep][order], boxes, height, width, spec.mask_threshold,
+                             spec.mask_paste),
     }
 
 

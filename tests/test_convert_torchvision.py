@@ -13,6 +13,10 @@ torchvision's padded batch and the anchors agree exactly. One jitted function co
 (XLA shares the backbone between them), so there is one compile.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +25,7 @@ import pytest
 from maskrcnn_jax import ops
 from maskrcnn_jax.convert import from_torchvision
 from maskrcnn_jax.convert.defaults import default_config
+from maskrcnn_jax.inference import Predictor
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 
 TOP = 50
@@ -60,12 +65,19 @@ def our_stages(module, images, image_sizes, torch_proposals):
 
 
 @pytest.fixture(scope="module")
-def parity_run():
+def reference():
+    """torchvision's maskrcnn_resnet50_fpn with seeded random weights (see randomize_torchvision_model)."""
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    reference = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    randomize_torchvision_model(torch, reference)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    randomize_torchvision_model(torch, model)
+    return torch, model
+
+
+@pytest.fixture(scope="module")
+def parity_run(reference):
+    torch, reference = reference
     photo = grace_hopper()
     with torch.no_grad():
         image_list, _ = reference.transform([torch.from_numpy(photo).permute(2, 0, 1).float() / 255])
@@ -153,6 +165,58 @@ def test_top_masks_match(parity_run):
     intersection = (expected_masks & actual_masks).sum((1, 2))
     union = (expected_masks | actual_masks).sum((1, 2))
     # Random weights leave some masks below 0.5 everywhere: empty on both sides counts as agreement.
+    assert (union > 0).sum() >= TOP // 2, "too few non-empty masks for the comparison to mean anything"
+    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+    assert iou.min() >= 0.95, f"mask IoUs {np.sort(iou)[:5]}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: the import CLI's checkpoint in our Predictor against torchvision's model([photo]).
+
+
+@pytest.fixture(scope="module")
+def predictor_run(reference, tmp_path_factory):
+    """Each side does all of its own work on the uint8 photograph: resize and normalise, predict, map the boxes
+    back and paste the masks into the photograph. Ours starts from the .pth file through
+    `python -m maskrcnn_jax.convert` and `Predictor.from_checkpoint`."""
+    torch, model = reference
+    photo = grace_hopper()
+    with torch.no_grad():
+        expected = model([torch.from_numpy(photo).permute(2, 0, 1).float() / 255])[0]
+    root = tmp_path_factory.mktemp("imported")
+    torch.save(model.state_dict(), root / "maskrcnn_resnet50_fpn.pth")
+    workdir = root / "workdir"
+    # torchvision pads each batch to a multiple of 32, 960 x 800 for this photograph; our canvas is set to that
+    # size so that both see the same padded input (on the config's 1344 x 1344 canvas, the features near the
+    # bottom and right edges, and the anchors beyond the photograph, differ).
+    subprocess.run([sys.executable, "-m", "maskrcnn_jax.convert", "--from=torchvision",
+                    str(root / "maskrcnn_resnet50_fpn.pth"), f"--out={workdir}",
+                    "--config=configs/torchvision_maskrcnn_r50_fpn.py", "--config.data.canvas_size=(960, 800)"],
+                   check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    predictor = Predictor.from_checkpoint(str(workdir))
+    actual = predictor(photo, score_threshold=0.0)
+    expected = {key: value.numpy() for key, value in expected.items()}
+    expected["masks"] = expected["masks"][:, 0] > 0.5  # torchvision's own paste of the probabilities
+    return expected, actual
+
+
+def test_predictor_gives_torchvisions_detections(predictor_run):
+    expected, actual = predictor_run
+    assert len(expected["scores"]) >= TOP and len(actual["scores"]) >= TOP
+    np.testing.assert_array_equal(actual["labels"][:TOP], expected["labels"][:TOP])  # 91 slots: label = COCO id
+    np.testing.assert_allclose(actual["scores"][:TOP], expected["scores"][:TOP], atol=1e-3)
+    np.testing.assert_allclose(actual["boxes"][:TOP], expected["boxes"][:TOP], atol=0.5)
+    assert actual["names"][0] != "N/A"
+
+
+def test_predictor_masks_overlap_torchvisions(predictor_run):
+    """With configs/torchvision_maskrcnn_r50_fpn.py our masks are pasted by torchvision's rule (a padded grid in
+    integer boxes, binarised > 0.5), so every one of the top 50 agrees to IoU 0.95."""
+    expected, actual = predictor_run
+    expected_masks, actual_masks = expected["masks"][:TOP], actual["masks"][:TOP]
+    assert expected_masks.shape == actual_masks.shape
+    intersection = (expected_masks & actual_masks).sum((1, 2))
+    union = (expected_masks | actual_masks).sum((1, 2))
     assert (union > 0).sum() >= TOP // 2, "too few non-empty masks for the comparison to mean anything"
     iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
     assert iou.min() >= 0.95, f"mask IoUs {np.sort(iou)[:5]}"

@@ -58,7 +58,7 @@ def test_prepared_canvas_equals_the_eval_pipeline(rng, rounding, short_side):
     options = transforms.InputOptions(canvas_size=(96, 112), short_side=short_side,
                                       long_side_max=None if short_side is None else 90, size_rounding=rounding)
     spec = inference_io.InferenceSpec((96, 112), options.short_side, options.long_side_max, rounding,
-                                      options.pixel_mean, options.pixel_std, 0.5, 1, (1,), ("thing",))
+                                      options.pixel_mean, options.pixel_std, 0.5, "detectron2", 1, (1,), ("thing",))
     for height, width in [(37, 101), (300, 211), (15, 12)]:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         encoded = io.BytesIO()
@@ -81,6 +81,22 @@ def test_paste_masks_equals_ops_paste_masks(rng):
     decided = np.abs(probabilities - 0.5) > 1e-5  # float32 summation order may flip exact ties
     np.testing.assert_array_equal(ours[decided], reference[decided])
     assert ours.sum() > 1000 and not ours[0].any()
+
+
+def test_torchvision_paste_rule_equals_torchvisions_paste_masks_in_image(rng):
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    height, width = 70, 90
+    masks = rng.uniform(0, 1, (12, 28, 28)).astype(np.float32)
+    x1, y1 = rng.uniform(-20, 80, 12), rng.uniform(-20, 60, 12)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(0.5, 60, 12), y1 + rng.uniform(0.5, 40, 12)], 1).astype(np.float32)
+    ours = inference_io.paste_masks(masks, boxes, height, width, 0.5, rule="torchvision")
+    probabilities = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes),
+                                         (height, width))[:, 0].numpy()
+    decided = np.abs(probabilities - 0.5) > 1e-5
+    np.testing.assert_array_equal(ours[decided], probabilities[decided] > 0.5)
+    assert ours.sum() > 1000
 
 
 def test_images_that_are_not_8_or_16_bit_arrays_are_refused():
