@@ -56,8 +56,12 @@ def read_categories(workdir: str, config: ml_collections.ConfigDict) -> Category
         return data_builder.load_category_map(data_builder.get_builder(config.data))
     except Exception as e:  # no dataset here: the names are unknown, the ids are the labels
         logging.warning("no %s in %s and no built dataset (%s): naming classes by label", CATEGORIES_FILE, workdir, e)
-        count = config.model.num_classes - 1
-        return CategoryMap(tuple(range(1, count + 1)), tuple(f"class_{k}" for k in range(1, count + 1)))
+        return numbered_categories(config.model.num_classes - 1)
+
+
+def numbered_categories(count: int) -> CategoryMap:
+    """Category ids 1..count named class_1.. (when a model's label map is unknown)."""
+    return CategoryMap(tuple(range(1, count + 1)), tuple(f"class_{k}" for k in range(1, count + 1)))
 
 
 def checkpoint_step(workdir: str, manager) -> int:
@@ -98,9 +102,7 @@ class Predictor(inference_io.ImagePredictor):
                  categories: CategoryMap | None = None, batch_size: int = 1):
         self.config = config
         self.model = build_model(config.model)
-        if categories is None:
-            count = config.model.num_classes - 1
-            categories = CategoryMap(tuple(range(1, count + 1)), tuple(f"class_{k}" for k in range(1, count + 1)))
+        categories = categories or numbered_categories(config.model.num_classes - 1)
         if categories.num_classes != config.model.num_classes - 1:
             raise ValueError(f"{categories.num_classes} categories for a model of {config.model.num_classes} classes "
                              "(background included)")
