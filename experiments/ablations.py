@@ -264,7 +264,7 @@ def format_report(results: Mapping[str, Any], analysis: str) -> str:
         results["command"],
         "```",
         "",
-        "| variant | override | seeds | mask AP | mask AP50 | mask AP75 | box AP | minutes per run |",
+        "| variant | override | seeds | mask AP | mask AP50 | mask AP75 | box AP | wall minutes per run |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for variant in results["variants"]:
@@ -323,7 +323,9 @@ def plot_results(results: Mapping[str, Any], path: str | None = None, ax=None):
     ax.set_ylabel("COCO AP on the shapes validation split (%)")
     ax.set_title(f"Ablations, {results['budget']['num_steps']} steps, "
                  f"{len(results['seeds'])} seed(s): mean ± std, dots are seeds")
-    ax.legend(loc="lower right")
+    top = max([100.0 * r["metrics"][k] for r in results["runs"] if r["metrics"] for k in keys] + [1.0])
+    ax.set_ylim(0, 1.2 * top)  # headroom for the legend above the bars
+    ax.legend(loc="upper center", ncols=len(keys), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     if own_figure:
         fig.tight_layout()
@@ -465,7 +467,9 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         "extra_overrides": extra,
         "num_val_images": int(extra.get("data.shapes.num_val", config.data.shapes.num_val)) or "evaluation split's",
         "code_commit": code_commit(),
-        "command": shlex.join([".venv/bin/python", "experiments/ablations.py", *argv]),
+        # --report_only is left out: the runs it reports are the ones the command without it produces (or skips).
+        "command": shlex.join([".venv/bin/python", "experiments/ablations.py",
+                               *(a for a in argv if a != "--report_only")]),
         "runs": runs,
         "summary": summary,
         "effects": effects(summary),
