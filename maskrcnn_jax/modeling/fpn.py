@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from maskrcnn_jax.modeling.conv import conv_general_dilated
 from maskrcnn_jax.modeling.norm import make_norm
 from maskrcnn_jax.modeling.resnet import ResNet
 
@@ -78,6 +79,7 @@ class FPN(nn.Module):
             kernel_init=fpn_conv_init,
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            conv_general_dilated=conv_general_dilated,
             name=name,
         )
         if self.norm is None:

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.modeling.conv import conv_general_dilated
 from maskrcnn_jax.modeling.norm import make_norm
 
 # depth -> (block type, blocks per stage layer1..layer4)
@@ -85,6 +86,7 @@ def _conv(features, kernel, stride, dtype, name):
         kernel_init=conv_init,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
