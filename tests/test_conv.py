@@ -87,6 +87,18 @@ def test_bfloat16_gradients_within_rounding(rng, tap_threshold, case):
         np.testing.assert_allclose(np.asarray(g, np.float32), e, atol=2e-2 * scale, err_msg=name)
 
 
+def test_vmap_over_kernels_and_inputs(rng, tap_threshold):
+    x = jnp.asarray(rng.standard_normal((3, 2, 9, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)), jnp.float32)
+
+    def per_example_grads(conv_fn):
+        pairing = lambda x, kernel: jnp.sum(jnp.sin(conv_fn(x, kernel, (2, 2), ((1, 1), (1, 1)))))  # noqa: E731
+        return jax.jit(jax.vmap(jax.grad(pairing, argnums=(0, 1))))(x, kernel)
+
+    for e, g in zip(per_example_grads(reference_conv), per_example_grads(fast_conv)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+
+
 def test_unsupported_arguments_fall_back_to_lax(rng):
     # Feature groups and kernel dilation are not on the fast path; they must still give lax's results.
     x = jnp.asarray(rng.standard_normal((1, 9, 9, 4)), jnp.float32)
