@@ -1,9 +1,9 @@
 """A 2-D convolution whose backward pass is fast on XLA's CPU backend; a drop-in for ``lax.conv_general_dilated``.
 
 XLA's CPU backend lowers the weight gradient of an NHWC convolution to a convolution whose window is the whole
-output feature map (YNNPACK fusion). That runs 3-10x slower than the forward pass for 1x1 convs and for the
-large 3x3 convs of the FPN and RPN (a 3x3 256->256 conv at 200x336: 4.9 s for the weight gradient against 0.8 s
-forward). Here a custom VJP computes, on CPU only:
+output feature map (a YNNPACK fusion in jax 0.10). On a 2-core x86 machine that ran 2-9x slower than the forward
+pass for the 1x1 convs of a ResNet-50 and 6x for the largest 3x3 convs of the FPN and RPN (3x3 256->256 at
+200x336: 4.9 s for the weight gradient against 0.8 s forward). Here a custom VJP computes, on CPU only:
 
   - the weight gradient of a 1x1 conv as one matmul of the (strided) input with the output gradient, and of a
     larger kernel as one matmul per kernel tap, each reading a shifted strided window of the padded input, when
@@ -30,7 +30,8 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 # Below this many multiply-adds per kernel tap (batch * output pixels * in * out channels), XLA's own weight
 # gradient of a k x k conv is as fast as the tap matmuls or faster (every 3x3 conv of a ResNet-50 at 800x1344 has
-# 2.8e8); above it XLA's slows down sharply (3x3 256->256 at 100x168, 1.1e9: 3x slower than the matmuls).
+# 2.8e8); above it XLA's slows down sharply (3x3 256->256 at 100x168, 1.1e9 per tap: 2-3x slower than the
+# matmuls; at 200x336, 4.4e9: 4-5x). Measured on a 2-core x86 machine; on another CPU the crossover may move.
 TAP_MATMUL_MIN_MACS = 5e8
 
 
