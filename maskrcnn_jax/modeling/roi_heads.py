@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax import ops
+from maskrcnn_jax.modeling.conv import conv_general_dilated
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -82,12 +83,12 @@ class FCNMaskHead(nn.Module):
         x = roi_features.reshape(-1, *roi_features.shape[-3:])
         for i in range(self.num_convs):
             x = nn.Conv(self.conv_dim, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
-                        name=f"mask_fcn{i + 1}")(x)
+                        conv_general_dilated=conv_general_dilated, name=f"mask_fcn{i + 1}")(x)
             x = nn.relu(x)
         x = Deconv2x2(self.conv_dim, dtype=self.dtype, name="conv5_mask")(x)
         x = nn.relu(x)
         x = nn.Conv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
-                    name="mask_fcn_logits")(x)
+                    conv_general_dilated=conv_general_dilated, name="mask_fcn_logits")(x)
         return x.reshape(*lead, *x.shape[1:]).astype(jnp.float32)
 
 
