@@ -183,6 +183,16 @@ class MaskPaster:
         return np.asarray(pasted)[:, :height, :width]
 
 
+def coco_result(image_id: int, category_id: int, box, score: float, rle: dict | None = None) -> dict[str, Any]:
+    """One COCO results entry: an xyxy box becomes COCO's xywh; the RLE, when given, its segmentation."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    result = {"image_id": int(image_id), "category_id": int(category_id), "bbox": [x1, y1, x2 - x1, y2 - y1],
+              "score": float(score)}
+    if rle is not None:
+        result["segmentation"] = rle
+    return result
+
+
 def detections_to_results(predictions: Mapping[str, np.ndarray], image_id: int, original_size, image_scale,
                           categories: CategoryMap, paster: Callable | None) -> tuple[list[dict], dict]:
     """One image's fixed-size predictions (boxes [D, 4] canvas, scores, classes 1..K, masks [D, 28, 28],
@@ -201,14 +211,8 @@ def detections_to_results(predictions: Mapping[str, np.ndarray], image_id: int, 
     else:
         masks = np.zeros((len(boxes), height, width), bool)
     rles = encode_masks(masks) if paster is not None else [None] * len(boxes)
-    results = []
-    for box, score, category_id, rle in zip(boxes, scores, category_ids, rles):
-        x1, y1, x2, y2 = (float(v) for v in box)
-        result = {"image_id": int(image_id), "category_id": int(category_id),
-                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
-        if rle is not None:
-            result["segmentation"] = rle
-        results.append(result)
+    results = [coco_result(image_id, category_id, box, score, rle)
+               for box, score, category_id, rle in zip(boxes, scores, category_ids, rles)]
     return results, {"boxes": boxes, "scores": scores, "labels": labels, "masks": masks}
 
 

@@ -95,9 +95,7 @@ def predict_files(predictor, paths: Sequence[str], out_dir: str, score_threshold
         overlay = visualize.draw_overlay(pixels, result, None, score_threshold, colour_by_instance=True)
         overlay.save(os.path.join(out_dir, f"{name}.png"))
         for k, rle in enumerate(evaluation.encode_masks(result["masks"])):
-            x1, y1, x2, y2 = (float(v) for v in result["boxes"][k])
-            entry = {"image_id": image_id, "category_id": int(result["labels"][k]),
-                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(result["scores"][k]), "segmentation": rle}
+            entry = evaluation.coco_result(image_id, result["labels"][k], result["boxes"][k], result["scores"][k], rle)
             if polygons:
                 entry["polygons"] = mask_polygons(result["masks"][k])
             results.append(entry)
