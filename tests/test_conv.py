@@ -1,5 +1,7 @@
 """modeling/conv.py against lax.conv_general_dilated and its autodiff: forward, both gradients, flax's nn.Conv."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,16 +52,8 @@ def random_problem(rng, x_shape, kernel_shape, strides, padding, dtype=jnp.float
     return x, kernel, cotangent
 
 
-@pytest.fixture(params=["tap-matmuls", "xla-for-kxk"])
-def tap_threshold(request, monkeypatch):
-    """Both CPU formulations of a k x k kernel gradient: tap matmuls at every size, or XLA's below the size cut."""
-    if request.param == "tap-matmuls":
-        monkeypatch.setattr(conv, "TAP_MATMUL_MIN_MACS", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES, ids=IDS)
-def test_forward_and_gradients_match_lax(rng, tap_threshold, x_shape, kernel_shape, strides, padding):
+def test_forward_and_gradients_match_lax(rng, x_shape, kernel_shape, strides, padding):
     x, kernel, cotangent = random_problem(rng, x_shape, kernel_shape, strides, padding)
     np.testing.assert_allclose(
         jax.jit(fast_conv, static_argnums=(2, 3))(x, kernel, strides, padding),
@@ -75,7 +69,7 @@ def test_forward_and_gradients_match_lax(rng, tap_threshold, x_shape, kernel_sha
 
 
 @pytest.mark.parametrize("case", [1, 4], ids=["1x1-s2", "3x3-s2"])
-def test_bfloat16_gradients_within_rounding(rng, tap_threshold, case):
+def test_bfloat16_gradients_within_rounding(rng, case):
     x_shape, kernel_shape, strides, padding = CASES[case]
     x, kernel, cotangent = random_problem(rng, x_shape, kernel_shape, strides, padding, jnp.bfloat16)
     got = gradients(fast_conv, x, kernel, cotangent, strides, padding)
@@ -87,7 +81,7 @@ def test_bfloat16_gradients_within_rounding(rng, tap_threshold, case):
         np.testing.assert_allclose(np.asarray(g, np.float32), e, atol=2e-2 * scale, err_msg=name)
 
 
-def test_vmap_over_kernels_and_inputs(rng, tap_threshold):
+def test_vmap_over_kernels_and_inputs(rng):
     x = jnp.asarray(rng.standard_normal((3, 2, 9, 9, 4)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)), jnp.float32)
 
@@ -155,3 +149,27 @@ def test_accelerators_keep_xla_convolution_backward():
         text = export.export(jax.jit(input_and_kernel_grads), platforms=(platform,))(*shapes).mlir_module()
         counts[platform] = (text.count("stablehlo.convolution"), text.count("stablehlo.dot_general"))
     assert counts == {"cuda": (2, 0), "cpu": (0, 2)}
+
+
+def test_gradients_in_a_switch_branch_match_lax_and_use_only_forward_convolutions(rng):
+    # Inside a lax.cond/switch branch XLA's CPU backend runs its own transposed convolutions 4-200x slower than at
+    # the top level; the CPU backward must consist of forward-layout convolutions and matmuls only.
+    x, kernel, cotangent = random_problem(rng, (3, 9, 11, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1)))
+
+    def branch_grads(conv_fn):
+        def pairing(x, kernel):
+            out = conv_fn(x, kernel, (2, 2), ((1, 1), (1, 1)))
+            return jnp.sum(out * cotangent)
+
+        def grads(x, kernel, index):
+            return lax.switch(index, [jax.grad(pairing, argnums=(0, 1)), lambda x, k: (x * 0, k * 0)], x, kernel)
+
+        return jax.jit(grads)
+
+    expected = branch_grads(reference_conv)(x, kernel, 0)
+    fast = branch_grads(fast_conv)
+    for e, g in zip(expected, fast(x, kernel, 0)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+    hlo = fast.lower(x, kernel, 0).compile().as_text()
+    layouts = set(re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo))
+    assert layouts == {"b01f_01io->b01f"}, layouts

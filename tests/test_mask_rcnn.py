@@ -154,6 +154,35 @@ def test_empty_and_crowd_only_images_give_finite_losses_and_gradients(tiny, loss
         assert any(np.abs(np.asarray(g)).sum() > 0 for g in leaves)
 
 
+def test_mask_roi_buckets_give_the_loss_and_gradients_of_the_full_mask_batch(tiny, loss_and_grad, rng):
+    # The default runs the mask head on the smallest prefix of 2, 4, 8 or 16 sampled RoIs that holds every
+    # positive; one bucket always runs all 16. Layouts from no object to four give different positive counts.
+    model, variables = tiny
+    params, other = split(variables)
+    bucketed, _ = loss_and_grad
+    config = tiny_config()
+    config.roi_heads.mask_roi_buckets = 1
+    full_model = build_model(config)
+    full = jax.jit(jax.value_and_grad(
+        lambda params, batch, key: full_model.apply({"params": params, **other}, batch, key, method=full_model.losses),
+        has_aux=True,
+    ))
+    layouts = [
+        [],
+        [(1, "box", 30, 30, 60, 70)],
+        [(1, "box", 4, 6, 120, 124), (2, "ellipse", 10, 10, 60, 50), (2, "ellipse", 70, 64, 118, 120),
+         (1, "box", 40, 80, 90, 126)],
+    ]
+    for i, shapes in enumerate(layouts):
+        batch = stack([make_example(shapes, rng)[0]])
+        (loss, parts), grads = bucketed(params, other, batch, jax.random.key(i))
+        (full_loss, full_parts), full_grads = full(params, batch, jax.random.key(i))
+        assert i == 0 or float(parts["mask"]) > 0
+        np.testing.assert_allclose(float(parts["mask"]), float(full_parts["mask"]), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-5)
+        jax.tree.map(lambda g, f: np.testing.assert_allclose(g, f, rtol=1e-4, atol=1e-6), grads, full_grads)
+
+
 def mask_iou(a, b):
     return np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1)
 

@@ -1,18 +1,21 @@
 """A 2-D convolution whose backward pass is fast on XLA's CPU backend; a drop-in for ``lax.conv_general_dilated``.
 
-XLA's CPU backend lowers the weight gradient of an NHWC convolution to a convolution whose window is the whole
-output feature map (a YNNPACK fusion in jax 0.10). On a 2-core x86 machine that ran 2-9x slower than the forward
-pass for the 1x1 convs of a ResNet-50 and 6x for the largest 3x3 convs of the FPN and RPN (3x3 256->256 at
-200x336: 4.9 s for the weight gradient against 0.8 s forward). Here a custom VJP computes, on CPU only:
+XLA's CPU backend lowers both gradients of an NHWC convolution to convolutions of unusual shape: the weight
+gradient to one whose window is the whole output map, the input gradient to one with a reversed, in/out-swapped
+kernel (and input dilation for strided layers). At the top level of a program YNNPACK takes most of them, though
+still 2-9x slower than the forward pass for large 1x1 and 3x3 layers and 2-4x for strided 3x3 input gradients.
+Inside a ``lax.cond``/``switch`` branch it takes none, and XLA's fallback is 4-200x slower again (a 3x3 256->256
+weight gradient on 16 RoIs of 14x14: 3.8 s against 28 ms). Here a custom VJP computes, on CPU only:
 
-  - the weight gradient of a 1x1 conv as one matmul of the (strided) input with the output gradient, and of a
-    larger kernel as one matmul per kernel tap, each reading a shifted strided window of the padded input, when
-    the layer is large enough for XLA's formulation to be slow (see ``TAP_MATMUL_MIN_MACS``);
-  - the input gradient of a 1x1 conv as a matmul with the transposed kernel, spread back onto the stride grid.
+  - the weight gradient as one matmul per kernel tap (one for 1x1), each reading a shifted strided window of the
+    padded input, contracted with the output gradient over batch and output pixels;
+  - the input gradient of a 1x1 conv as a matmul with the transposed kernel, spread back onto the stride grid;
+  - the input gradient of a k x k conv as forward convolutions with a reversed, in/out-swapped kernel: one for
+    stride 1, and one per stride phase (sub-kernel of every stride-th tap) for strided layers, interleaved.
 
-Everything else, and every other backend, uses XLA's own transpose rules (on GPU and TPU the library convolution
-backward is the fast path). The forward pass is ``lax.conv_general_dilated`` itself. Arguments the fast path does
-not cover (other layouts, dilation, feature groups, an explicit precision or output type) go straight to
+Every other backend uses XLA's own transpose rules (on GPU and TPU the library convolution backward is the fast
+path). The forward pass is ``lax.conv_general_dilated`` itself. Arguments the fast path does not cover (other
+layouts, dilation, feature groups, an explicit precision or output type) go straight to
 ``lax.conv_general_dilated``, so passing this function as flax's ``nn.Conv(conv_general_dilated=...)`` keeps the
 module's parameters, names and numerics unchanged.
 
@@ -27,13 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-
-# Below this many multiply-adds per kernel tap (batch * output pixels * in * out channels), XLA's own weight
-# gradient of a k x k conv is as fast as the tap matmuls or faster (every 3x3 conv of a ResNet-50 at 800x1344 has
-# 2.8e8); above it XLA's slows down sharply (3x3 256->256 at 100x168, 1.1e9 per tap: 2-3x slower than the
-# matmuls; at 200x336, 4.4e9: 4-5x). Measured on a 2-core x86 machine; on another CPU the crossover may move.
-TAP_MATMUL_MIN_MACS = 5e8
-
 
 def _is_identity(values):
     return values is None or all(v == 1 for v in values)
@@ -161,19 +157,53 @@ def _tap_matmul_kernel_grad(x, grad, kernel_size, strides, padding):
     return taps.reshape(kh, kw, cin, cout)
 
 
-def cpu_gradients(x, kernel, grad, *, strides, padding):
-    """(input gradient, kernel gradient) with matmuls where XLA's CPU convolution backward is slow."""
+def _phase_input_grad(kernel, grad, input_hw, strides, padding):
+    """Input gradient of a k x k conv as forward convolutions of the output gradient.
+
+    Padded input pixel q = s * m + a is read by output pixel r through tap i = q - s * r, so i = a + s * t and
+    d(padded)[s * m + a] = sum_t grad[m - t] @ kernel[a + s * t].T: for each phase a, a stride-1 correlation of
+    the output gradient with the phase's taps reversed. Stride 1 has one phase and needs no interleaving.
+    """
     kh, kw, cin, cout = kernel.shape
     batch, out_h, out_w, _ = grad.shape
-    one_by_one = kh == kw == 1
-    if not one_by_one and batch * out_h * out_w * cin * cout < TAP_MATMUL_MIN_MACS:
-        return xla_gradients(x, kernel, grad, strides=strides, padding=padding)
+    (sh, sw), ((top, bottom), (left, right)) = strides, padding
+    height, width = input_hw
+    if (sh, sw) == (1, 1):
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        pads = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+        return _plain_conv2d(grad, flipped, (1, 1), pads)
+    # Phase rows m cover the padded input: m < ceil(padded / s).
+    rows, cols = -(-(height + top + bottom) // sh), -(-(width + left + right) // sw)
+    phase_rows = []
+    for a in range(sh):
+        phase_cols = []
+        for b in range(sw):
+            taps = kernel[a::sh, b::sw]
+            th, tw = taps.shape[:2]
+            if th == 0 or tw == 0:
+                phase_cols.append(jnp.zeros((batch, rows, cols, cin), grad.dtype))
+                continue
+            sub_kernel = jnp.flip(taps, (0, 1)).transpose(0, 1, 3, 2)
+            pads = ((th - 1, rows - out_h), (tw - 1, cols - out_w))
+            phase_cols.append(_plain_conv2d(grad, sub_kernel, (1, 1), pads))
+        phase_rows.append(jnp.stack(phase_cols, axis=3))
+    padded = jnp.stack(phase_rows, axis=2).reshape(batch, rows * sh, cols * sw, cin)
+    # Input pixel j is padded pixel j + top; negative edges crop, and pixels the padding cropped get zeros.
+    return lax.pad(
+        padded,
+        jnp.zeros((), grad.dtype),
+        ((0, 0, 0), (-top, height + top - rows * sh, 0), (-left, width + left - cols * sw, 0), (0, 0, 0)),
+    )
 
+
+def cpu_gradients(x, kernel, grad, *, strides, padding):
+    """(input gradient, kernel gradient) from matmuls and forward convolutions only."""
+    kh, kw, _, _ = kernel.shape
+    batch, out_h, out_w, _ = grad.shape
     kernel_grad = _tap_matmul_kernel_grad(x, grad, (kh, kw), strides, padding).astype(kernel.dtype)
 
-    if not one_by_one:
-        _, input_pullback = jax.vjp(lambda x: _plain_conv2d(x, kernel, strides, padding), x)
-        return input_pullback(grad)[0], kernel_grad
+    if (kh, kw) != (1, 1):
+        return _phase_input_grad(kernel, grad, x.shape[1:3], strides, padding).astype(x.dtype), kernel_grad
 
     # 1x1: output pixel (r, c) reads padded input pixel (r * sh, c * sw); spread the matmul back onto that grid
     # with interior zeros and crop the padding (lax.pad takes negative edges as crops).

@@ -49,6 +49,9 @@ def model_config() -> ml_collections.ConfigDict:
     c.roi_heads.mask_num_convs = 4
     c.roi_heads.mask_loss = "sigmoid"  # sigmoid | softmax
     c.roi_heads.class_agnostic_mask = False
+    # The mask head runs on the smallest of this many prefix sizes (128, 64, 32, 16) that holds every positive RoI
+    # of the batch; 1 = always the full batch_size_per_image * positive_fraction. Same loss either way.
+    c.roi_heads.mask_roi_buckets = 4
 
     c.detection = ml_collections.ConfigDict()
     c.detection.score_threshold = 0.05

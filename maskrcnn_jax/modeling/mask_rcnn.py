@@ -147,20 +147,45 @@ class MaskRCNN(nn.Module):
         class_logits, box_deltas = self.box_head(self._pool(levels, sampled["rois"], r.box_pool_size))
         losses.update(box_head_losses(class_logits, box_deltas, sampled, gt_boxes, box_loss_beta=r.box_loss_beta))
 
-        # Positives come first in the sample, so this fixed-size prefix holds all of them.
+        losses["mask"] = self._mask_loss(levels, sampled, batch["gt_masks"], gt_boxes)
+        losses = {name: value.astype(jnp.float32) for name, value in losses.items()}
+        return sum(losses.values()), losses
+
+    def _mask_loss(self, levels, sampled, gt_masks, gt_boxes):
+        """The mask loss over the positive RoIs, computed on the smallest bucket of RoIs that holds them all.
+
+        Positives come first in the sample, so a fixed-size prefix of it holds every one. The cap is
+        batch_size_per_image * positive_fraction (128): a static size, as in the TF Model Garden. Torchvision and
+        detectron2 instead run the mask head on exactly the positives (often a few dozen). A lax.switch over
+        prefix sizes (16, 32, 64, 128 by default) gives the same loss and gradients while paying only for the
+        smallest prefix that holds every positive of the batch; each size is compiled once, with the train step.
+        """
+        r = self.config.roi_heads
         num_mask_rois = int(r.batch_size_per_image * r.positive_fraction)
-        mask_rois = sampled["rois"][:, :num_mask_rois]
-        mask_classes = sampled["classes"][:, :num_mask_rois]
-        mask_valid = sampled["positive"][:, :num_mask_rois]
+        sizes = mask_roi_buckets(num_mask_rois, r.mask_roi_buckets)
+
+        def on_prefix(size):
+            return lambda module, *operands: module._mask_loss_on_prefix(size, *operands)
+
+        operands = (levels, sampled, gt_masks, gt_boxes)
+        if len(sizes) == 1:
+            return on_prefix(sizes[0])(self, *operands)
+        num_positive = jnp.max(jnp.sum(sampled["positive"][:, :num_mask_rois], axis=1))
+        bucket = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), num_positive), len(sizes) - 1)
+        return nn.switch(bucket, [on_prefix(size) for size in sizes], self, *operands)
+
+    def _mask_loss_on_prefix(self, size, levels, sampled, gt_masks, gt_boxes):
+        r = self.config.roi_heads
+        mask_rois = sampled["rois"][:, :size]
+        mask_classes = sampled["classes"][:, :size]
+        mask_valid = sampled["positive"][:, :size]
         mask_logits = self.mask_head(self._pool(levels, mask_rois, r.mask_pool_size))
         targets = jax.vmap(ops.mask_targets_from_cropped, in_axes=(0, 0, 0, 0, None))(
-            batch["gt_masks"], gt_boxes, mask_rois, sampled["matched_gt"][:, :num_mask_rois], MASK_SIZE
+            gt_masks, gt_boxes, mask_rois, sampled["matched_gt"][:, :size], MASK_SIZE
         )
         mask_loss = ops.sigmoid_mask_loss if r.mask_loss == "sigmoid" else ops.softmax_mask_loss
         flat = lambda x: x.reshape(-1, *x.shape[2:])
-        losses["mask"] = mask_loss(flat(mask_logits), flat(targets), flat(mask_classes), flat(mask_valid))
-        losses = {name: value.astype(jnp.float32) for name, value in losses.items()}
-        return sum(losses.values()), losses
+        return mask_loss(flat(mask_logits), flat(targets), flat(mask_classes), flat(mask_valid))
 
     # -- inference -------------------------------------------------------------------------------------------
 
@@ -192,6 +217,14 @@ class MaskRCNN(nn.Module):
 
     def __call__(self, images, image_sizes):
         return self.predict(images, image_sizes)
+
+
+def mask_roi_buckets(num_mask_rois, num_buckets):
+    """Prefix sizes the mask head may run on: num_mask_rois halved (num_buckets - 1) times, smallest first."""
+    if num_buckets < 1:
+        raise ValueError(f"roi_heads.mask_roi_buckets must be >= 1, got {num_buckets}")
+    sizes = {max(1, num_mask_rois >> k) for k in range(num_buckets)}
+    return sorted(sizes)
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> MaskRCNN:

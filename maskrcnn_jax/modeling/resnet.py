@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.conv import conv_general_dilated
 from maskrcnn_jax.modeling.norm import make_norm
+from maskrcnn_jax.modeling.pooling import max_pool
 
 # depth -> (block type, blocks per stage layer1..layer4)
 RESNET_STAGES = {
@@ -215,8 +216,7 @@ class ResNet(nn.Module):
         x = _conv(64, 7, 2, self.dtype, "conv1")(x)
         x = make_norm(self.norm, train=stage_train("bn1"), eps=self.norm_eps, dtype=self.dtype, name="bn1")(x)
         x = nn.relu(x)
-        # reduce_window pads with its init value, -inf, as PyTorch's max_pool2d does.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)
 
