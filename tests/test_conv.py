@@ -52,8 +52,19 @@ def random_problem(rng, x_shape, kernel_shape, strides, padding, dtype=jnp.float
     return x, kernel, cotangent
 
 
+@pytest.fixture(params=["patch-bands", "tap-matmuls"])
+def kernel_grad_path(request, monkeypatch):
+    """Both CPU formulations of a k x k kernel gradient. The test cases' few channels take the patch path unless
+    it is switched off; its bands are made a few rows tall, so that several bands and a ragged last one run."""
+    if request.param == "tap-matmuls":
+        monkeypatch.setattr(conv, "MAX_PATCH_SIZE", 0)
+    else:
+        monkeypatch.setattr(conv, "PATCH_BAND_ELEMENTS", 3000)
+    return request.param
+
+
 @pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES, ids=IDS)
-def test_forward_and_gradients_match_lax(rng, x_shape, kernel_shape, strides, padding):
+def test_forward_and_gradients_match_lax(rng, kernel_grad_path, x_shape, kernel_shape, strides, padding):
     x, kernel, cotangent = random_problem(rng, x_shape, kernel_shape, strides, padding)
     np.testing.assert_allclose(
         jax.jit(fast_conv, static_argnums=(2, 3))(x, kernel, strides, padding),
@@ -69,7 +80,7 @@ def test_forward_and_gradients_match_lax(rng, x_shape, kernel_shape, strides, pa
 
 
 @pytest.mark.parametrize("case", [1, 4], ids=["1x1-s2", "3x3-s2"])
-def test_bfloat16_gradients_within_rounding(rng, case):
+def test_bfloat16_gradients_within_rounding(rng, kernel_grad_path, case):
     x_shape, kernel_shape, strides, padding = CASES[case]
     x, kernel, cotangent = random_problem(rng, x_shape, kernel_shape, strides, padding, jnp.bfloat16)
     got = gradients(fast_conv, x, kernel, cotangent, strides, padding)
@@ -81,7 +92,7 @@ def test_bfloat16_gradients_within_rounding(rng, case):
         np.testing.assert_allclose(np.asarray(g, np.float32), e, atol=2e-2 * scale, err_msg=name)
 
 
-def test_vmap_over_kernels_and_inputs(rng):
+def test_vmap_over_kernels_and_inputs(rng, kernel_grad_path):
     x = jnp.asarray(rng.standard_normal((3, 2, 9, 9, 4)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)), jnp.float32)
 
@@ -173,3 +184,4 @@ def test_gradients_in_a_switch_branch_match_lax_and_use_only_forward_convolution
     hlo = fast.lower(x, kernel, 0).compile().as_text()
     layouts = set(re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo))
     assert layouts == {"b01f_01io->b01f"}, layouts
+
