@@ -1,5 +1,6 @@
 """Mask R-CNN R50-FPN, ours next to torchvision's maskrcnn_resnet50_fpn: same 800x1344 input, batch 1,
-random weights, one run. Each side runs in its own subprocess so that peak memory is its own.
+random weights. Each side runs in its own subprocess so that peak memory is its own, and the sides alternate over
+a few rounds so that load from elsewhere on a shared machine does not fall on one side only.
 
     .venv/bin/python benchmarks/model.py            # prints a table and rewrites its section of RESULTS.md
 
@@ -38,12 +39,13 @@ def peak_rss_mb():
 
 
 def timed(fn, repeats):
+    """Wall times of `repeats` calls of `fn`."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return times
 
 
 def run_ours(repeats):
@@ -149,6 +151,8 @@ def run_torchvision(repeats):
 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    mask_head_rois = []
+    model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: mask_head_rois.append(len(output)))
 
     def one_step():
         losses = model([image], [target])
@@ -164,49 +168,72 @@ def run_torchvision(repeats):
         "detections": detections,
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
+        "mask_head_rois": mask_head_rois[-1],
     }
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--side", choices=["ours", "torchvision"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side per round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of (ours, torchvision) subprocesses; the sides alternate so that a burst of "
+                             "load on a shared machine does not land on one side only")
     args = parser.parse_args()
     if args.side:
         result = run_ours(args.repeats) if args.side == "ours" else run_torchvision(args.repeats)
         print("RESULT " + json.dumps(result))
         return
 
-    results = {}
-    for side in ("ours", "torchvision"):
-        out = subprocess.run(
-            [sys.executable, __file__, f"--side={side}", f"--repeats={args.repeats}"],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        results[side] = json.loads(out.split("RESULT ", 1)[1])
-        print(side, results[side], flush=True)
+    rounds = {"ours": [], "torchvision": []}
+    for round_index in range(args.rounds):
+        for side in ("ours", "torchvision"):
+            out = subprocess.run(
+                [sys.executable, __file__, f"--side={side}", f"--repeats={args.repeats}"],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            rounds[side].append(json.loads(out.split("RESULT ", 1)[1]))
+            print(f"round {round_index + 1} {side}", rounds[side][-1], flush=True)
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from timing import machine_line, write_section
 
-    ours, theirs = results["ours"], results["torchvision"]
+    def pooled(side, key):
+        return median([t for result in rounds[side] for t in result[key]])
+
+    ours, theirs = rounds["ours"][-1], rounds["torchvision"][-1]
     rows = [
-        ("train step (s)", ours["train_step_s"], theirs["train_step_s"]),
-        ("inference (s)", ours["inference_s"], theirs["inference_s"]),
-        ("peak RSS of the process (MB)", ours["peak_rss_mb"], theirs["peak_rss_mb"]),
+        ("train step (s)", pooled("ours", "train_step_s"), pooled("torchvision", "train_step_s")),
+        ("inference (s)", pooled("ours", "inference_s"), pooled("torchvision", "inference_s")),
+        ("peak RSS of the process (MB)", max(r["peak_rss_mb"] for r in rounds["ours"]),
+         max(r["peak_rss_mb"] for r in rounds["torchvision"])),
     ]
     table = ["| measure | ours | torchvision | ours / torchvision |", "| --- | ---: | ---: | ---: |"]
     table += [f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} |" for name, a, b in rows]
+
+    def per_round(side):
+        return ", ".join(f"{median(r['train_step_s']):.2f}" for r in rounds[side])
+
     body = "\n".join([
         "## model (`benchmarks/model.py`)",
         "",
-        f"Command: `.venv/bin/python benchmarks/model.py --repeats={args.repeats}` (rewrites this section).",
+        f"Command: `.venv/bin/python benchmarks/model.py --repeats={args.repeats} --rounds={args.rounds}` "
+        "(rewrites this section).",
         f"Machine: {machine_line()}.",
         f"R50-FPN Mask R-CNN, random weights, one {HEIGHT}x{WIDTH} image, {NUM_INSTANCES} ground-truth instances,",
-        "SGD with momentum; medians of the steady state. Both sides use torchvision's settings and a score",
-        f"threshold of 0 (detections: ours {ours['detections']}, torchvision {theirs['detections']}).",
+        "SGD with momentum. Each side runs in its own process, alternating over the rounds; times are medians over",
+        "every timed call of every round. Both sides use torchvision's settings and a score threshold of 0",
+        f"(detections: ours {ours['detections']}, torchvision {theirs['detections']}).",
         f"Our compile times: train step {ours['train_compile_s']:.1f} s, inference {ours['predict_compile_s']:.1f} s"
         " (torchvision runs eagerly).",
+        f"Train-step medians per round: ours {per_round('ours')} s; torchvision {per_round('torchvision')} s.",
+        f"With random weights torchvision's mask head trains on {theirs['mask_head_rois']} RoIs (the positives);"
+        " ours on the smallest of 16/32/64/128 that holds them (`roi_heads.mask_roi_buckets`).",
         "",
         *table,
     ])

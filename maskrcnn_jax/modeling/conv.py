@@ -8,7 +8,8 @@ Inside a ``lax.cond``/``switch`` branch it takes none, and XLA's fallback is 4-2
 weight gradient on 16 RoIs of 14x14: 3.8 s against 28 ms). Here a custom VJP computes, on CPU only:
 
   - the weight gradient as one matmul per kernel tap (one for 1x1), each reading a shifted strided window of the
-    padded input, contracted with the output gradient over batch and output pixels;
+    padded input, contracted with the output gradient over batch and output pixels; for a kernel with few input
+    channels (the RGB stem) one matmul per band of output rows with the band's whole patch matrix;
   - the input gradient of a 1x1 conv as a matmul with the transposed kernel, spread back onto the stride grid;
   - the input gradient of a k x k conv as forward convolutions with a reversed, in/out-swapped kernel: one for
     stride 1, and one per stride phase (sub-kernel of every stride-th tap) for strided layers, interleaved.
@@ -147,20 +148,22 @@ def _tap_matmul_kernel_grad(x, grad, kernel_size, strides, padding):
         return _patch_matmul_kernel_grad(x, grad, kernel_size, strides, padding)
 
     # Pad to whole stride multiples and split into sh * sw phases, padded[:, a::sh, b::sw] (free for stride 1):
-    # each tap's window is then an unstrided block of one phase, which a loop can cut with dynamic_slice.
+    # each tap's window is then an unstrided block of one phase, which a loop can cut with dynamic_slice. Channels
+    # go first, so that each window is a [cin, pixels] matrix: XLA's CPU matmul inside a loop runs that
+    # untransposed form 20-30% faster than contracting the pixels of a [pixels, cin] one.
     extra_h, extra_w = -height % sh, -width % sw
     padded = lax.pad(
         x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom + extra_h, 0), (left, right + extra_w, 0), (0, 0, 0))
     )
     phases = padded.reshape(batch, (height + extra_h) // sh, sh, (width + extra_w) // sw, sw, cin)
-    phases = phases.transpose(2, 4, 0, 1, 3, 5)
+    phases = phases.transpose(2, 4, 5, 0, 1, 3)
 
     # The loop keeps one window alive at a time; unrolled, XLA cuts all kh * kw windows (each the size of the
     # input) before the first matmul.
     def tap(_, index):
         i, j = index // kw, index % kw
-        window = lax.dynamic_slice(phases, (i % sh, j % sw, 0, i // sh, j // sw, 0), (1, 1, batch, out_h, out_w, cin))
-        return None, window_times_grad(window)
+        window = lax.dynamic_slice(phases, (i % sh, j % sw, 0, 0, i // sh, j // sw), (1, 1, cin, batch, out_h, out_w))
+        return None, jnp.dot(window.reshape(cin, pixels), grad_rows, preferred_element_type=jnp.float32)
 
     _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
     return taps.reshape(kh, kw, cin, cout)
