@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskrcnn_jax.ops.roi_align import fpn_level_for_boxes, multilevel_roi_align, roi_align
+from maskrcnn_jax.ops.roi_align import flatten_pyramid, fpn_level_for_boxes, multilevel_roi_align, roi_align
+from maskrcnn_jax.ops.roi_pool import multilevel_roi_pool
 from torch_layout import torch_nchw, torch_rois
 
 F32 = np.float32
@@ -245,3 +246,23 @@ def test_multilevel_single_level_equals_roi_align(rng):
     got = multilevel_roi_align_jit([jnp.asarray(features)], jnp.asarray(boxes), 3, (8,), 2, False)
     want = roi_align_jit(jnp.asarray(features), jnp.asarray(boxes), 3, 1.0 / 8, 2, False)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_flat_pyramid_shared_by_two_poolings_equals_the_level_list(rng):
+    strides = (4, 8, 16)
+    features = [jnp.asarray(rng.standard_normal((2, 64 // s, 96 // s, 3)).astype(F32)) for s in strides]
+    boxes = jnp.asarray(pyramid_boxes(rng, 2, 11, (64, 96)))
+    pyramid = flatten_pyramid(features, strides)
+
+    def both_sizes(pyramid, boxes, index):
+        # Through lax.switch, as the model's mask-head buckets pass it: static level shapes, traced flat array.
+        branch = lambda p, b: (multilevel_roi_align(p, b, 3, strides, 2, True), multilevel_roi_pool(p, b, 2, strides))
+        return jax.lax.switch(index, [branch, branch], pyramid, boxes)
+
+    aligned, pooled = jax.jit(both_sizes)(pyramid, boxes, 1)
+    # Eager against jit: the same sums up to float32 contraction (FMA) rounding.
+    np.testing.assert_allclose(aligned, multilevel_roi_align(features, boxes, 3, strides, 2, True), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_array_equal(pooled, multilevel_roi_pool(features, boxes, 2, strides))
+    with pytest.raises(ValueError, match="strides"):
+        multilevel_roi_align(pyramid, boxes, 3, (8, 16, 32), 2, True)

@@ -74,13 +74,17 @@ class MaskRCNN(nn.Module):
         a = self.config.anchors
         return ops.generate_anchors(images.shape[1:3], a.strides, a.sizes, a.aspect_ratios)
 
-    def _pool(self, levels, boxes, output_size):
+    def _pooled_levels(self, levels):
+        """The levels RoI pooling reads (P2-P5), flattened once so that the box and mask heads share one copy."""
         r = self.config.roi_heads
-        pooled = levels[: len(r.pool_strides)]
+        return ops.flatten_pyramid(levels[: len(r.pool_strides)], r.pool_strides)
+
+    def _pool(self, pyramid, boxes, output_size):
+        r = self.config.roi_heads
         if r.roi_op == "align":
-            out = ops.multilevel_roi_align(pooled, boxes, output_size, r.pool_strides, r.sampling_ratio, r.aligned)
+            out = ops.multilevel_roi_align(pyramid, boxes, output_size, r.pool_strides, r.sampling_ratio, r.aligned)
         else:
-            out = ops.multilevel_roi_pool(pooled, boxes, output_size, r.pool_strides)
+            out = ops.multilevel_roi_pool(pyramid, boxes, output_size, r.pool_strides)
         return out.astype(DTYPES[self.config.dtype])
 
     def _proposals(self, levels, images, image_sizes, train):
@@ -144,14 +148,15 @@ class MaskRCNN(nn.Module):
             positive_fraction=r.positive_fraction,
             iou_threshold=r.iou_threshold,
         )
-        class_logits, box_deltas = self.box_head(self._pool(levels, sampled["rois"], r.box_pool_size))
+        pyramid = self._pooled_levels(levels)
+        class_logits, box_deltas = self.box_head(self._pool(pyramid, sampled["rois"], r.box_pool_size))
         losses.update(box_head_losses(class_logits, box_deltas, sampled, gt_boxes, box_loss_beta=r.box_loss_beta))
 
-        losses["mask"] = self._mask_loss(levels, sampled, batch["gt_masks"], gt_boxes)
+        losses["mask"] = self._mask_loss(pyramid, sampled, batch["gt_masks"], gt_boxes)
         losses = {name: value.astype(jnp.float32) for name, value in losses.items()}
         return sum(losses.values()), losses
 
-    def _mask_loss(self, levels, sampled, gt_masks, gt_boxes):
+    def _mask_loss(self, pyramid, sampled, gt_masks, gt_boxes):
         """The mask loss over the positive RoIs, computed on the smallest bucket of RoIs that holds them all.
 
         Positives come first in the sample, so a fixed-size prefix of it holds every one. The cap is
@@ -167,19 +172,19 @@ class MaskRCNN(nn.Module):
         def on_prefix(size):
             return lambda module, *operands: module._mask_loss_on_prefix(size, *operands)
 
-        operands = (levels, sampled, gt_masks, gt_boxes)
+        operands = (pyramid, sampled, gt_masks, gt_boxes)
         if len(sizes) == 1:
             return on_prefix(sizes[0])(self, *operands)
         num_positive = jnp.max(jnp.sum(sampled["positive"][:, :num_mask_rois], axis=1))
         bucket = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), num_positive), len(sizes) - 1)
         return nn.switch(bucket, [on_prefix(size) for size in sizes], self, *operands)
 
-    def _mask_loss_on_prefix(self, size, levels, sampled, gt_masks, gt_boxes):
+    def _mask_loss_on_prefix(self, size, pyramid, sampled, gt_masks, gt_boxes):
         r = self.config.roi_heads
         mask_rois = sampled["rois"][:, :size]
         mask_classes = sampled["classes"][:, :size]
         mask_valid = sampled["positive"][:, :size]
-        mask_logits = self.mask_head(self._pool(levels, mask_rois, r.mask_pool_size))
+        mask_logits = self.mask_head(self._pool(pyramid, mask_rois, r.mask_pool_size))
         targets = jax.vmap(ops.mask_targets_from_cropped, in_axes=(0, 0, 0, 0, None))(
             gt_masks, gt_boxes, mask_rois, sampled["matched_gt"][:, :size], MASK_SIZE
         )
@@ -196,7 +201,8 @@ class MaskRCNN(nn.Module):
         c = self.config
         levels = self._features(images, train=False)
         _, _, proposals, proposal_valid = self._proposals(levels, images, image_sizes, train=False)
-        class_logits, box_deltas = self.box_head(self._pool(levels, proposals, c.roi_heads.box_pool_size))
+        pyramid = self._pooled_levels(levels)
+        class_logits, box_deltas = self.box_head(self._pool(pyramid, proposals, c.roi_heads.box_pool_size))
         d = c.detection
         boxes, scores, classes, valid = jax.vmap(
             lambda *args: detect(
@@ -208,7 +214,7 @@ class MaskRCNN(nn.Module):
                 min_size=d.min_size,
             )
         )(class_logits, box_deltas, proposals, proposal_valid, image_sizes)
-        mask_logits = self.mask_head(self._pool(levels, boxes, c.roi_heads.mask_pool_size))
+        mask_logits = self.mask_head(self._pool(pyramid, boxes, c.roi_heads.mask_pool_size))
         if c.roi_heads.mask_loss == "softmax":
             masks = self._select_mask_channel(jax.nn.softmax(mask_logits, axis=-1), classes)
         else:

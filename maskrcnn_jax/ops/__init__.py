@@ -25,6 +25,12 @@ from maskrcnn_jax.ops.masks import (
 )
 from maskrcnn_jax.ops.matching import match_boxes, match_quality_matrix
 from maskrcnn_jax.ops.nms import batched_nms, nms
-from maskrcnn_jax.ops.roi_align import fpn_level_for_boxes, multilevel_roi_align, roi_align
+from maskrcnn_jax.ops.roi_align import (
+    FlatPyramid,
+    flatten_pyramid,
+    fpn_level_for_boxes,
+    multilevel_roi_align,
+    roi_align,
+)
 from maskrcnn_jax.ops.roi_pool import multilevel_roi_pool, roi_pool
 from maskrcnn_jax.ops.sampling import sample_balanced

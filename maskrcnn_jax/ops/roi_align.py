@@ -13,6 +13,8 @@ torchvision, there is no gradient w.r.t. the boxes. The multi-level version flat
 [sum(H_l * W_l), C] array and does the same single gather with per-box offset/height/width/scale.
 """
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -237,29 +239,52 @@ def levels_from_strides(strides):
     return levels[0], levels[-1]
 
 
-def flatten_levels(features, strides):
-    """Concatenates per-level [B, H_l, W_l, C] maps into [B, sum(H_l * W_l), C] plus per-level tables.
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["flat"], meta_fields=["level_shapes", "strides"])
+@dataclasses.dataclass(frozen=True)
+class FlatPyramid:
+    """FPN levels [B, H_l, W_l, C] concatenated once into ``flat`` [B, sum(H_l * W_l), C], finest first.
 
-    Returns (flat, min_level, max_level, offsets, heights, widths, scales); the tables are NumPy arrays with
-    one entry per level, in the order given.
+    Several RoI poolings of one pyramid (the box and mask heads) can share one copy, and its gradient, instead of
+    concatenating the levels each time. A pytree whose level shapes and strides are static, so it passes through
+    jit, vmap and lax.switch.
     """
+
+    flat: jax.Array
+    level_shapes: tuple  # ((H_l, W_l), ...)
+    strides: tuple
+
+    def tables(self):
+        """(min_level, max_level, offsets, heights, widths, scales): NumPy arrays with one entry per level."""
+        min_level, max_level = levels_from_strides(self.strides)
+        heights = np.array([h for h, _ in self.level_shapes], np.int32)
+        widths = np.array([w for _, w in self.level_shapes], np.int32)
+        offsets = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(np.int32)
+        scales = np.array([1.0 / s for s in self.strides], np.float32)
+        return min_level, max_level, offsets, heights, widths, scales
+
+
+def flatten_pyramid(features, strides):
+    """A list of per-level [B, H_l, W_l, C] maps (level l with stride strides[l]) as a FlatPyramid; a FlatPyramid
+    is returned as it is (its strides must match)."""
+    strides = tuple(int(s) for s in strides)
+    if isinstance(features, FlatPyramid):
+        if features.strides != strides:
+            raise ValueError(f"the pyramid has strides {features.strides}, not {strides}")
+        return features
     if len(features) != len(strides):
         raise ValueError(f"got {len(features)} feature maps but {len(strides)} strides")
-    min_level, max_level = levels_from_strides(strides)
-    heights = np.array([f.shape[1] for f in features], np.int32)
-    widths = np.array([f.shape[2] for f in features], np.int32)
-    offsets = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(np.int32)
-    scales = np.array([1.0 / s for s in strides], np.float32)
+    levels_from_strides(strides)
     batch, channels = features[0].shape[0], features[0].shape[-1]
     flat = jnp.concatenate([f.reshape(batch, -1, channels) for f in features], axis=1)
-    return flat, min_level, max_level, offsets, heights, widths, scales
+    return FlatPyramid(flat, tuple((int(f.shape[1]), int(f.shape[2])) for f in features), strides)
 
 
 def multilevel_roi_align(features, boxes, output_size, strides, sampling_ratio, aligned):
     """RoIAlign from an FPN pyramid: each box is pooled from the level its size selects.
 
     Args:
-      features: list of [B, H_l, W_l, C], finest first; level l has stride strides[l].
+      features: list of [B, H_l, W_l, C], finest first; level l has stride strides[l]. Or the same levels as a
+        FlatPyramid (flatten_pyramid), to share one flattened copy between several calls.
       boxes: [B, N, 4] in input-image pixels.
       output_size: int or (oh, ow).
       strides: consecutive powers of two, e.g. (4, 8, 16, 32) for P2-P5.
@@ -272,7 +297,8 @@ def multilevel_roi_align(features, boxes, output_size, strides, sampling_ratio, 
     """
     output_hw = _output_hw(output_size)
     sampling_ratio = _check_sampling_ratio(sampling_ratio)
-    flat, min_level, max_level, offsets, heights, widths, scales = flatten_levels(features, strides)
+    pyramid = flatten_pyramid(features, strides)
+    min_level, max_level, offsets, heights, widths, scales = pyramid.tables()
     level_index = fpn_level_for_boxes(boxes, min_level, max_level) - min_level
 
     def one_image(image_features, image_boxes, image_levels):
@@ -288,4 +314,4 @@ def multilevel_roi_align(features, boxes, output_size, strides, sampling_ratio, 
             aligned,
         )
 
-    return jax.vmap(one_image)(flat, boxes, level_index)
+    return jax.vmap(one_image)(pyramid.flat, boxes, level_index)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from maskrcnn_jax.ops.roi_align import _output_hw, exact_divide, flatten_levels, fpn_level_for_boxes
+from maskrcnn_jax.ops.roi_align import _output_hw, exact_divide, flatten_pyramid, fpn_level_for_boxes
 
 
 def _num_window_levels(size):
@@ -255,7 +255,7 @@ def multilevel_roi_pool(features, boxes, output_size, strides):
     """RoIPool from an FPN pyramid, each box on the level `fpn_level_for_boxes` assigns (as multilevel_roi_align).
 
     Args:
-      features: list of [B, H_l, W_l, C], finest first, with consecutive power-of-two `strides`.
+      features: list of [B, H_l, W_l, C], finest first, with consecutive power-of-two `strides`, or a FlatPyramid.
       boxes: [B, N, 4] in input-image pixels.
       output_size: int or (oh, ow).
       strides: e.g. (4, 8, 16, 32).
@@ -263,6 +263,7 @@ def multilevel_roi_pool(features, boxes, output_size, strides):
     Returns:
       [B, N, oh, ow, C]; for each box, torchvision.ops.roi_pool on its own level with spatial_scale 1 / stride.
     """
-    flat, min_level, max_level, _, heights, widths, scales = flatten_levels(features, strides)
+    pyramid = flatten_pyramid(features, strides)
+    min_level, max_level, _, heights, widths, scales = pyramid.tables()
     level_index = fpn_level_for_boxes(boxes, min_level, max_level) - min_level
-    return _pool(flat, boxes, level_index, scales, heights, widths, output_size)
+    return _pool(pyramid.flat, boxes, level_index, scales, heights, widths, output_size)
