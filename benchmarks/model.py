@@ -50,7 +50,6 @@ def timed(fn, repeats):
 
 def run_ours(repeats):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
 

@@ -48,7 +48,7 @@ def _max_pool_forward(x, window, strides, padding):
 def _max_pool_backward(window, strides, padding, residuals, grad):
     x, out = residuals
     padded, taps = _padded_and_taps(x, window, strides, padding)
-    (kh, kw), (sh, sw), ((top, _), (left, _)) = window, strides, padding
+    (_, kw), (sh, sw), ((top, _), (left, _)) = window, strides, padding
     out_h, out_w = out.shape[1:3]
     zero = jnp.zeros((), grad.dtype)
     claimed = jnp.zeros(out.shape, bool)
