@@ -60,7 +60,9 @@ def our_stages(module, images, image_sizes, torch_proposals):
     proposals (so that stage is checked on identical inputs), and the final predictions."""
     levels = module._features(images, False)
     _, _, proposals, proposal_valid = module._proposals(levels, images, image_sizes, False)
-    class_logits, _ = module.box_head(module._pool(levels, torch_proposals, module.config.roi_heads.box_pool_size))
+    class_logits, _ = module.box_head(
+        module._pool(module._pooled_levels(levels), torch_proposals, module.config.roi_heads.box_pool_size)
+    )
     return levels, proposals, proposal_valid, class_logits, module.predict(images, image_sizes)
 
 
