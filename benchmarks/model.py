@@ -13,6 +13,7 @@ import argparse
 import json
 import pathlib
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -171,11 +172,6 @@ def run_torchvision(repeats):
     }
 
 
-def median(values):
-    values = sorted(values)
-    return values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--side", choices=["ours", "torchvision"])
@@ -203,7 +199,7 @@ def main():
     from timing import machine_line, write_section
 
     def pooled(side, key):
-        return median([t for result in rounds[side] for t in result[key]])
+        return statistics.median([t for result in rounds[side] for t in result[key]])
 
     ours, theirs = rounds["ours"][-1], rounds["torchvision"][-1]
     rows = [
@@ -216,7 +212,7 @@ def main():
     table += [f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} |" for name, a, b in rows]
 
     def per_round(side):
-        return ", ".join(f"{median(r['train_step_s']):.2f}" for r in rounds[side])
+        return ", ".join(f"{statistics.median(r['train_step_s']):.2f}" for r in rounds[side])
 
     body = "\n".join([
         "## model (`benchmarks/model.py`)",

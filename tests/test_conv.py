@@ -184,4 +184,3 @@ def test_gradients_in_a_switch_branch_match_lax_and_use_only_forward_convolution
     hlo = fast.lower(x, kernel, 0).compile().as_text()
     layouts = set(re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo))
     assert layouts == {"b01f_01io->b01f"}, layouts
-
