@@ -55,15 +55,18 @@ def randomize_torchvision_model(torch, model):
                 parameter.normal_(0.0, 0.2 if is_norm else 0.05, generator=generator)
 
 
-def our_stages(module, images, image_sizes, torch_proposals):
+def our_stages(module, images, image_sizes, torch_proposals, torch_boxes, torch_labels):
     """Every stage the test compares, from one trace: FPN levels, proposals, box-head logits on torchvision's own
-    proposals (so that stage is checked on identical inputs), and the final predictions."""
+    proposals and mask probabilities on torchvision's own detections (so those stages are checked on identical
+    inputs), and the final predictions."""
     levels = module._features(images, False)
     _, _, proposals, proposal_valid = module._proposals(levels, images, image_sizes, False)
-    class_logits, _ = module.box_head(
-        module._pool(module._pooled_levels(levels), torch_proposals, module.config.roi_heads.box_pool_size)
-    )
-    return levels, proposals, proposal_valid, class_logits, module.predict(images, image_sizes)
+    pyramid = module._pooled_levels(levels)
+    r = module.config.roi_heads
+    class_logits, _ = module.box_head(module._pool(pyramid, torch_proposals, r.box_pool_size))
+    mask_logits = module.mask_head(module._pool(pyramid, torch_boxes, r.mask_pool_size))
+    masks = jax.nn.sigmoid(module._select_mask_channel(mask_logits, torch_labels))
+    return levels, proposals, proposal_valid, class_logits, masks, module.predict(images, image_sizes)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +97,11 @@ def parity_run(reference):
     variables = from_torchvision(reference.state_dict(), norm=config.model.backbone.norm)
     images = jnp.asarray(image_list.tensors.numpy().transpose(0, 2, 3, 1))
     image_sizes = jnp.asarray(image_list.image_sizes, jnp.int32)
-    run = jax.jit(lambda v, x, s, p: model.apply(v, x, s, p, method=our_stages))
-    levels, ours_proposals, ours_valid, ours_logits, predictions = jax.device_get(
-        run(variables, images, image_sizes, jnp.asarray(proposals[0].numpy())[None])
+    run = jax.jit(lambda v, *inputs: model.apply(v, *inputs, method=our_stages))
+    torch_boxes = jnp.asarray(detections[0]["boxes"][:TOP].numpy())[None]
+    torch_labels = jnp.asarray(detections[0]["labels"][:TOP].numpy(), jnp.int32)[None]
+    levels, ours_proposals, ours_valid, ours_logits, ours_masks, predictions = jax.device_get(
+        run(variables, images, image_sizes, jnp.asarray(proposals[0].numpy())[None], torch_boxes, torch_labels)
     )
     first = lambda x: np.asarray(x[0])
     return {
@@ -108,6 +113,7 @@ def parity_run(reference):
         "ours_proposals": first(ours_proposals)[first(ours_valid)],
         "torch_logits": class_logits.numpy(),
         "ours_logits": first(ours_logits),
+        "ours_masks_on_torch_boxes": first(ours_masks),
         "torch": {key: value.numpy() for key, value in detections[0].items()},
         "ours": {key: first(value) for key, value in predictions.items()},
     }
@@ -148,8 +154,21 @@ def test_top_detections_match(parity_run):
     np.testing.assert_allclose(actual["boxes"][:TOP], expected["boxes"][:TOP], atol=0.5)
 
 
+def test_mask_head_matches_on_the_same_boxes(parity_run):
+    """The mask heads agree on identical inputs: ours runs on torchvision's own top detections (boxes and labels).
+
+    Comparing the probabilities each side computed on its own boxes is ill-conditioned: the boxes may differ by the
+    0.5 px test_top_detections_match allows, and with random weights a box moved by 0.3 px moves some mask
+    probabilities by 0.9. Each side's own masks are compared as pasted masks (test_top_masks_match) instead.
+    """
+    expected = parity_run["torch"]["masks"][:TOP, 0]
+    actual = parity_run["ours_masks_on_torch_boxes"]
+    assert expected.shape == actual.shape == (TOP, 28, 28)
+    np.testing.assert_allclose(actual, expected, atol=5e-4)
+
+
 def test_top_masks_match(parity_run):
-    """The 28 x 28 probabilities agree, and so do the masks pasted into the original photograph (ops.paste_masks).
+    """Each side's own 28 x 28 probabilities, pasted into the original photograph (ops.paste_masks), agree as masks.
 
     Both are pasted into torchvision's boxes: box agreement is test_top_detections_match's job, and the random mask
     head draws 2x2 checkerboards (its transposed conv) that alias when a box is smaller than 28 pixels, so a box
@@ -157,7 +176,6 @@ def test_top_masks_match(parity_run):
     the masks.
     """
     expected, actual = parity_run["torch"], parity_run["ours"]
-    np.testing.assert_allclose(actual["masks"][:TOP], expected["masks"][:TOP, 0], atol=1e-2)
     height, width = parity_run["photo_size"]
     input_h, input_w = parity_run["input_size"]
     boxes = expected["boxes"][:TOP] * np.asarray([width / input_w, height / input_h] * 2, np.float32)
