@@ -130,3 +130,23 @@ def test_box_coder_matches_torchvision(rng):
     deltas = rng.normal(0, 30.0, (300, 4)).astype(np.float32)
     expected = coder.decode_single(torch.from_numpy(deltas), torch.from_numpy(anchors)).numpy()
     np.testing.assert_allclose(ops.decode_boxes(deltas, anchors, weights), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_encode_is_finite_for_zero_padded_boxes_and_their_smooth_l1_gradient_too(rng):
+    """Zero-padded ground truth (and zero-area padded RoIs) encode to finite targets, so a masked smooth-L1 loss
+    has finite gradients: torchvision's encode gives -inf there, and zero cotangent times inf is NaN."""
+    anchors = jnp.asarray(random_boxes(rng, 16))
+    padding = jnp.zeros((16, 4), jnp.float32)
+    for boxes, reference in ((padding, anchors), (anchors, padding), (padding, padding)):
+        assert np.isfinite(np.asarray(ops.encode_boxes(boxes, reference, (10.0, 10.0, 5.0, 5.0)))).all()
+
+    positive = jnp.asarray(rng.random(16) < 0.5)
+    matched = jnp.where(positive[:, None], jnp.asarray(random_boxes(rng, 16)), 0.0)
+    targets = ops.encode_matched_boxes(matched, anchors, positive, (10.0, 10.0, 5.0, 5.0))
+    np.testing.assert_array_equal(np.asarray(targets)[~np.asarray(positive)], 0.0)
+    np.testing.assert_allclose(targets[positive], ops.encode_boxes(matched, anchors, (10.0, 10.0, 5.0, 5.0))[positive],
+                               rtol=1e-6)
+    for beta in (0.0, 1.0 / 9):
+        grad = jax.grad(lambda p: ops.smooth_l1_loss(p, ops.encode_boxes(padding, anchors), beta, positive))(
+            jnp.asarray(rng.normal(size=(16, 4)), jnp.float32))
+        assert np.isfinite(np.asarray(grad)).all(), beta

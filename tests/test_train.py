@@ -181,6 +181,40 @@ def test_steps_are_finite_and_change_the_parameters(compiled):
     assert np.mean(moved) > 0.9
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("beta", [0.0, 1.0 / 9])
+def test_empty_and_crowd_only_images_train_finite(data_root, beta, dtype):
+    """The whole jitted train step on a batch of an image without any instance and one with only a crowd region:
+    every loss, the gradient norm and the new parameters are finite, for L1 and smooth-L1 box losses (torchvision's
+    beta 1/9 once turned the zero-padded ground truth's infinite targets into NaN gradients) in f32 and bf16."""
+    config = tiny_config(data_root)
+    config.model.dtype = dtype
+    config.model.rpn.box_loss_beta = config.model.roi_heads.box_loss_beta = beta
+    model = build_model(config.model)
+    mesh = train.make_mesh(jax.devices()[:1])
+    state, tx = train.create_train_state(config, model)
+    step = train.jit_train_step(model, tx, config, mesh)
+    # A batch whose two images both have an instance, to turn into the two edge cases.
+    local = dict(next(b for b in batches(config, 4) if b["gt_valid"].any(1).all()))
+    valid = local["gt_valid"].copy()
+    valid[0] = False  # image 0: no instance at all (padding only)
+    valid[1, 1:] = False  # image 1: a single instance, made a crowd region
+    crowd = np.zeros_like(valid)
+    crowd[1, 0] = True
+    local.update(gt_valid=valid, gt_is_crowd=crowd, gt_boxes=np.where(valid[..., None], local["gt_boxes"], 0.0),
+                 gt_classes=np.where(valid, local["gt_classes"], 0))
+    before = jax.device_get(state.params)
+    new_state, metrics = step(train.replicate(state, mesh), train.global_batch(local, mesh))
+    metrics = jax.device_get(metrics)
+    assert bool(metrics["finite"]), metrics
+    for name in ("loss", "rpn_cls", "rpn_box", "box_cls", "box_reg", "mask", "grad_norm"):
+        assert np.isfinite(metrics[name]), (name, metrics)
+    assert metrics["rpn_box"] == metrics["box_reg"] == metrics["mask"] == 0.0
+    after = jax.device_get(new_state.params)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after))
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Resume.
 

@@ -165,7 +165,7 @@ def box_head_losses(class_logits, box_deltas, sampled, gt_boxes, *, box_loss_bet
     ground-truth class's deltas of positives, summed and divided by the number of sampled RoIs."""
     valid, positive, classes = sampled["valid"], sampled["positive"], sampled["classes"]
     target_boxes = jnp.take_along_axis(gt_boxes, sampled["matched_gt"][..., None], axis=1)
-    target_deltas = ops.encode_boxes(target_boxes, sampled["rois"], BOX_WEIGHTS)
+    target_deltas = ops.encode_matched_boxes(target_boxes, sampled["rois"], positive, BOX_WEIGHTS)
     class_deltas = jnp.take_along_axis(box_deltas, classes[..., None, None], axis=-2)[..., 0, :]
     box_loss = ops.smooth_l1_loss(class_deltas, target_deltas, box_loss_beta, positive, normalizer=valid.sum())
     return {"box_cls": ops.softmax_cross_entropy(class_logits, classes, valid), "box_reg": box_loss}

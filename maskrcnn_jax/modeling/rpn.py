@@ -80,7 +80,7 @@ def rpn_losses(
         )
         index, sampled, positive = ops.sample_balanced(key, labels, batch_size_per_image, positive_fraction)
         target_boxes = gt_boxes[matched[index]]
-        target_deltas = ops.encode_boxes(target_boxes, anchors[index])
+        target_deltas = ops.encode_matched_boxes(target_boxes, anchors[index], positive)
         cls_loss = ops.sigmoid_binary_cross_entropy(
             objectness[index], positive.astype(jnp.float32), sampled, normalizer=1
         )

@@ -8,6 +8,7 @@ from maskrcnn_jax.ops.boxes import (
     clip_boxes,
     decode_boxes,
     encode_boxes,
+    encode_matched_boxes,
     min_size_mask,
 )
 from maskrcnn_jax.ops.losses import (

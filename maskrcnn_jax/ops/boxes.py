@@ -6,6 +6,8 @@ import jax.numpy as jnp
 
 # detectron2 / torchvision clamp on dw, dh so exp() cannot overflow.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+# Box extents below this are encoded as this, so that no regression target is ever infinite or NaN.
+MIN_ENCODED_EXTENT = 1e-6
 
 
 def box_area(boxes):
@@ -41,7 +43,12 @@ def box_ioa(boxes1, boxes2):
 
 
 def encode_boxes(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
-    """Regression targets (dx, dy, dw, dh) that take `anchors` to `boxes` (torchvision BoxCoder.encode)."""
+    """Regression targets (dx, dy, dw, dh) that take `anchors` to `boxes` (torchvision BoxCoder.encode).
+
+    Always finite: a width or height below MIN_ENCODED_EXTENT (a zero-padded ground-truth slot, say) is taken as
+    MIN_ENCODED_EXTENT, where torchvision would return -inf or NaN. Masked losses multiply such targets by a zero
+    cotangent, and zero times an infinite difference is NaN.
+    """
     wx, wy, ww, wh = weights
     anchor_w = anchors[..., 2] - anchors[..., 0]
     anchor_h = anchors[..., 3] - anchors[..., 1]
@@ -51,11 +58,20 @@ def encode_boxes(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
     box_h = boxes[..., 3] - boxes[..., 1]
     box_cx = boxes[..., 0] + 0.5 * box_w
     box_cy = boxes[..., 1] + 0.5 * box_h
+    anchor_w, anchor_h, box_w, box_h = (jnp.maximum(extent, MIN_ENCODED_EXTENT)
+                                        for extent in (anchor_w, anchor_h, box_w, box_h))
     dx = wx * (box_cx - anchor_cx) / anchor_w
     dy = wy * (box_cy - anchor_cy) / anchor_h
     dw = ww * jnp.log(box_w / anchor_w)
     dh = wh * jnp.log(box_h / anchor_h)
     return jnp.stack([dx, dy, dw, dh], axis=-1)
+
+
+def encode_matched_boxes(matched_boxes, anchors, positive, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Regression targets of the positive anchors (or RoIs); exactly zero for the others, whose matched boxes
+    may be padding. [..., 4], [..., 4], [...] -> [..., 4]."""
+    boxes = jnp.where(positive[..., None], matched_boxes, anchors)
+    return encode_boxes(boxes, anchors, weights)
 
 
 def decode_boxes(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), clamp=DEFAULT_SCALE_CLAMP):
