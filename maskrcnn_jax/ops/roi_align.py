@@ -3,6 +3,8 @@
 The numbers follow `torchvision.ops.roi_align` exactly: each output bin averages a fixed
 `sampling_ratio x sampling_ratio` grid of bilinear samples, a sample outside [-1, size] along either axis
 contributes 0, coordinates in [-1, 0] clamp to 0, and a sample past the last row/column reads that row/column.
+`roi_reduce="max"` (the paper's Table 2c ablation; torchvision has no such mode) takes the largest of the same
+samples instead of their mean.
 
 Design: bilinear interpolation is separable, so every sample reads 4 pixels whose row indices depend only on
 (box, output row, grid row) and whose column indices depend only on (box, output column, grid column). The op is
@@ -11,6 +13,9 @@ times a weight of shape [N, oh, ow]. XLA fuses all the gathers and the weighted 
 larger than the output is materialised; the gradient is the matching chain of scatter-adds into one buffer. As in
 torchvision, there is no gradient w.r.t. the boxes. The multi-level version flattens all levels into one
 [sum(H_l * W_l), C] array and does the same single gather with per-box offset/height/width/scale.
+
+The sampling (`_sample_bins`) takes any RoI frame (start and extent per axis); RoIWarp (roi_warp.py) feeds it
+RoIPool's quantized boxes.
 """
 
 import dataclasses
@@ -42,6 +47,15 @@ def _check_sampling_ratio(sampling_ratio):
             "so it has no static shape under jit."
         )
     return int(sampling_ratio)
+
+
+ROI_REDUCTIONS = ("avg", "max")
+
+
+def _check_roi_reduce(roi_reduce):
+    if roi_reduce not in ROI_REDUCTIONS:
+        raise ValueError(f"roi_reduce must be one of {ROI_REDUCTIONS}, got {roi_reduce!r}")
+    return roi_reduce
 
 
 def rounded_product(a, b):
@@ -102,14 +116,8 @@ def _axis_taps(start, bin_size, num_bins, grid, size):
     return low, high, w_low, w_high
 
 
-def _roi_align_flat(flat_features, boxes, scale, height, width, offset, output_hw, sampling_ratio, aligned):
-    """RoIAlign of one image whose feature map(s) are flattened to [P, C].
-
-    `scale`, `height`, `width`, `offset` are Python scalars (one map) or [N] arrays (each box's FPN level):
-    box n reads the row-major [height, width] map that starts at row `offset` of `flat_features`.
-    """
-    oh, ow = output_hw
-    grid = sampling_ratio
+def _align_frame(boxes, scale, aligned):
+    """RoIAlign's continuous RoI of each box in feature pixels: (y_start, x_start, roi_h, roi_w), [N] float32."""
     scale = jnp.asarray(scale, jnp.float32)
     pixel_offset = jnp.float32(0.5 if aligned else 0.0)
     scaled = rounded_product(boxes, scale[..., None])
@@ -123,6 +131,20 @@ def _roi_align_flat(flat_features, boxes, scale, height, width, offset, output_h
         # torchvision forces malformed RoIs to at least 1 x 1 only in the legacy mode.
         roi_w = jnp.maximum(roi_w, 1.0)
         roi_h = jnp.maximum(roi_h, 1.0)
+    return y1, x1, roi_h, roi_w
+
+
+def _sample_bins(flat_features, frame, height, width, offset, output_hw, sampling_ratio, roi_reduce):
+    """Bilinear samples of every bin of every box of one image, reduced by "avg" or "max": [N, oh, ow, C].
+
+    `frame` is (y_start, x_start, roi_h, roi_w), [N] float32 in the sampling frame of `_axis_taps` (pixel i's
+    value sits at coordinate i). Each axis splits into equal bins with `sampling_ratio` evenly spaced samples
+    per bin. `height`, `width`, `offset` are Python ints (one map) or [N] int32 arrays (each box's FPN level):
+    box n reads the row-major [height, width] map that starts at row `offset` of `flat_features` [P, C].
+    """
+    oh, ow = output_hw
+    grid = sampling_ratio
+    y1, x1, roi_h, roi_w = frame
     bin_w = exact_divide(roi_w, jnp.float32(ow))
     bin_h = exact_divide(roi_h, jnp.float32(oh))
 
@@ -140,17 +162,35 @@ def _roi_align_flat(flat_features, boxes, scale, height, width, offset, output_h
     row_weights = [wy_low, wy_high]
     cols = [x_low, x_high]
     col_weights = [wx_low, wx_high]
+    # The mean's 1 / grid**2 rides on the weights; the max compares raw bilinear values.
     inv_count = jnp.float32(1.0 / (grid * grid))
 
-    # (2 * grid)**2 terms, each one flat pixel per output bin and its weight: [T, N, oh, ow].
+    # (2 * grid)**2 terms, sample by sample (4 neighbours each), one flat pixel per output bin and its weight:
+    # [T, N, oh, ow].
     indices, weights = [], []
     for iy in range(grid):
         for ix in range(grid):
             for row_start, wy in zip(row_starts, row_weights):
                 for col, wx in zip(cols, col_weights):
                     indices.append(row_start[:, :, iy, None] + col[:, None, :, ix])
-                    weights.append((wy[:, :, iy, None] * wx[:, None, :, ix]) * inv_count)
-    return _weighted_gather(flat_features, jnp.stack(indices), jnp.stack(weights))
+                    weight = wy[:, :, iy, None] * wx[:, None, :, ix]
+                    weights.append(weight * inv_count if roi_reduce == "avg" else weight)
+    indices, weights = jnp.stack(indices), jnp.stack(weights)
+    if roi_reduce == "avg":
+        return _weighted_gather(flat_features, indices, weights)
+    # [grid**2 samples, 4 neighbours, N, oh, ow]
+    return _max_of_samples(flat_features, indices.reshape(grid * grid, 4, *indices.shape[1:]),
+                           weights.reshape(grid * grid, 4, *weights.shape[1:]))
+
+
+def _roi_align_flat(flat_features, boxes, scale, height, width, offset, output_hw, sampling_ratio, aligned,
+                    roi_reduce):
+    """RoIAlign of one image whose feature map(s) are flattened to [P, C]; see `_sample_bins`.
+
+    `scale` is a Python scalar (one map) or an [N] array (each box's FPN level).
+    """
+    frame = _align_frame(boxes, scale, aligned)
+    return _sample_bins(flat_features, frame, height, width, offset, output_hw, sampling_ratio, roi_reduce)
 
 
 @jax.custom_vjp
@@ -183,7 +223,54 @@ def _weighted_gather_backward(residuals, grad):
 _weighted_gather.defvjp(_weighted_gather_forward, _weighted_gather_backward)
 
 
-def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, aligned):
+def _sample_max(flat_features, indices, weights, with_argmax):
+    """Max over samples s of sum_k flat_features[indices[s, k]] * weights[s, k], and (with_argmax) the first s
+    attaining it (int8 while the sample count fits). Strict ">" keeps the earliest sample on ties."""
+    num_samples = indices.shape[0]
+    argmax_dtype = jnp.int8 if num_samples <= 127 else jnp.int32
+    best = argmax = None
+    for s in range(num_samples):
+        value = _weighted_gather(flat_features, indices[s], weights[s])
+        if best is None:
+            best = value
+            argmax = jnp.zeros(value.shape, argmax_dtype) if with_argmax else None
+            continue
+        larger = value > best
+        best = jnp.where(larger, value, best)
+        if with_argmax:
+            argmax = jnp.where(larger, jnp.asarray(s, argmax_dtype), argmax)
+    return best, argmax
+
+
+@jax.custom_vjp
+def _max_of_samples(flat_features, indices, weights):
+    """[P, C], [S, 4, ...], [S, 4, ...] -> [..., C]: the largest of S bilinear samples (4 weighted neighbours
+    each). The gradient goes to the 4 neighbours of the winning sample, the first one on ties."""
+    return _sample_max(flat_features, indices, weights, with_argmax=False)[0]
+
+
+def _max_of_samples_forward(flat_features, indices, weights):
+    best, argmax = _sample_max(flat_features, indices, weights, with_argmax=True)
+    return best, (flat_features, indices, weights, argmax)
+
+
+def _max_of_samples_backward(residuals, grad):
+    """One chain of scatter-adds into one buffer, as `_weighted_gather_backward`: each sample sends the
+    cotangent of the (bin, channel) pairs it won to its 4 neighbours. No gradient w.r.t. the boxes."""
+    flat_features, indices, weights, argmax = residuals
+    total = jnp.zeros_like(flat_features)
+    zero = jnp.zeros((), grad.dtype)
+    for s in range(indices.shape[0]):
+        won = jnp.where(argmax == s, grad, zero)
+        for index, weight in zip(indices[s], weights[s]):
+            total = total.at[index].add(won * weight[..., None].astype(grad.dtype), mode="promise_in_bounds")
+    return total, None, None
+
+
+_max_of_samples.defvjp(_max_of_samples_forward, _max_of_samples_backward)
+
+
+def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, aligned, roi_reduce="avg"):
     """RoIAlign with torchvision's semantics, NHWC.
 
     Args:
@@ -194,19 +281,32 @@ def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, align
       sampling_ratio: samples per bin along each axis, a static int >= 1.
       aligned: if True, shift box coordinates by -0.5 feature pixel (pixel centres at i + 0.5) and keep
         sub-pixel boxes; if False, the legacy Detectron behaviour (no shift, RoI size forced >= 1).
+      roi_reduce: "avg" (torchvision's RoIAlign) or "max": the largest of the bin's sampling_ratio**2 bilinear
+        samples (a sample outside the map counts as 0, as in the average). Its gradient goes to the 4 bilinear
+        neighbours of the winning sample, the first in row-major sample order on ties. torchvision has no max
+        mode; tests/test_roi_warp.py checks it against a NumPy reference.
 
     Returns:
-      [B, N, oh, ow, C], equal to torchvision.ops.roi_align on the same boxes (NCHW, [K, 5] RoIs).
+      [B, N, oh, ow, C]; with "avg", equal to torchvision.ops.roi_align on the same boxes (NCHW, [K, 5] RoIs).
     """
-    output_hw = _output_hw(output_size)
-    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    pool_image = functools.partial(
+        _roi_align_flat,
+        output_hw=_output_hw(output_size),
+        sampling_ratio=_check_sampling_ratio(sampling_ratio),
+        aligned=aligned,
+        roi_reduce=_check_roi_reduce(roi_reduce),
+    )
+    return _pool_single_level(pool_image, features, boxes, spatial_scale)
+
+
+def _pool_single_level(pool_image, features, boxes, spatial_scale):
+    """pool_image(flat [H*W, C], boxes [N, 4], scale, height, width, offset) -> [N, ...] on each image of
+    features [B, H, W, C] with boxes [B, N, 4]."""
     _, height, width, channels = features.shape
     flat = features.reshape(features.shape[0], height * width, channels)
 
     def one_image(image_features, image_boxes):
-        return _roi_align_flat(
-            image_features, image_boxes, spatial_scale, height, width, 0, output_hw, sampling_ratio, aligned
-        )
+        return pool_image(image_features, image_boxes, spatial_scale, height, width, 0)
 
     return jax.vmap(one_image)(flat, boxes)
 
@@ -279,7 +379,7 @@ def flatten_pyramid(features, strides):
     return FlatPyramid(flat, tuple((int(f.shape[1]), int(f.shape[2])) for f in features), strides)
 
 
-def multilevel_roi_align(features, boxes, output_size, strides, sampling_ratio, aligned):
+def multilevel_roi_align(features, boxes, output_size, strides, sampling_ratio, aligned, roi_reduce="avg"):
     """RoIAlign from an FPN pyramid: each box is pooled from the level its size selects.
 
     Args:
@@ -290,28 +390,38 @@ def multilevel_roi_align(features, boxes, output_size, strides, sampling_ratio, 
       strides: consecutive powers of two, e.g. (4, 8, 16, 32) for P2-P5.
       sampling_ratio: static int >= 1.
       aligned: see `roi_align`.
+      roi_reduce: "avg" or "max", see `roi_align`.
 
     Returns:
-      [B, N, oh, ow, C]; with aligned=False equal to torchvision's MultiScaleRoIAlign over the same levels.
-      All levels are read by one fused gather from the flattened pyramid.
+      [B, N, oh, ow, C]; with aligned=False and "avg" equal to torchvision's MultiScaleRoIAlign over the same
+      levels. All levels are read by one fused gather from the flattened pyramid.
     """
-    output_hw = _output_hw(output_size)
-    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    pool_image = functools.partial(
+        _roi_align_flat,
+        output_hw=_output_hw(output_size),
+        sampling_ratio=_check_sampling_ratio(sampling_ratio),
+        aligned=aligned,
+        roi_reduce=_check_roi_reduce(roi_reduce),
+    )
+    return _pool_multilevel(pool_image, features, boxes, strides)
+
+
+def _pool_multilevel(pool_image, features, boxes, strides):
+    """pool_image(flat [P, C], boxes [N, 4], scale, height, width, offset) on each image of an FPN pyramid (a
+    level list or FlatPyramid), each box on its `fpn_level_for_boxes` level: scale, height, width and offset
+    are that level's, [N] arrays into the one flattened pyramid."""
     pyramid = flatten_pyramid(features, strides)
     min_level, max_level, offsets, heights, widths, scales = pyramid.tables()
     level_index = fpn_level_for_boxes(boxes, min_level, max_level) - min_level
 
     def one_image(image_features, image_boxes, image_levels):
-        return _roi_align_flat(
+        return pool_image(
             image_features,
             image_boxes,
             jnp.asarray(scales)[image_levels],
             jnp.asarray(heights)[image_levels],
             jnp.asarray(widths)[image_levels],
             jnp.asarray(offsets)[image_levels],
-            output_hw,
-            sampling_ratio,
-            aligned,
         )
 
     return jax.vmap(one_image)(pyramid.flat, boxes, level_index)
