@@ -27,6 +27,7 @@ from maskrcnn_jax.ops.masks import (
 from maskrcnn_jax.ops.matching import match_boxes, match_quality_matrix
 from maskrcnn_jax.ops.nms import batched_nms, nms
 from maskrcnn_jax.ops.roi_align import (
+    ROI_REDUCTIONS,
     FlatPyramid,
     flatten_pyramid,
     fpn_level_for_boxes,
@@ -34,4 +35,5 @@ from maskrcnn_jax.ops.roi_align import (
     roi_align,
 )
 from maskrcnn_jax.ops.roi_pool import multilevel_roi_pool, roi_pool
+from maskrcnn_jax.ops.roi_warp import multilevel_roi_warp, roi_warp
 from maskrcnn_jax.ops.sampling import sample_balanced

@@ -95,6 +95,23 @@ def _round_half_away_from_zero(x):
     return jnp.where(is_half, truncated + jnp.sign(x), jnp.round(x))
 
 
+def quantized_rois(boxes, scale):
+    """RoIPool's quantization of [N, 4] boxes: (y1, x1, roi_h, roi_w), [N] int32 each, in feature cells.
+
+    Corners are `boxes * scale` rounded half away from zero (torchvision's C round()); the RoI covers cells
+    y1 .. y1 + roi_h - 1 and x1 .. x1 + roi_w - 1, at least one cell each way. `scale` is a scalar or [N].
+    RoIWarp samples the same cells.
+    """
+    scale = jnp.asarray(scale, jnp.float32)
+    scaled = boxes * scale[..., None]
+    corners = _round_half_away_from_zero(scaled).astype(jnp.int32)
+    x1, y1, x2, y2 = corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3]
+    # Malformed RoIs are forced to 1 x 1, as in torchvision.
+    roi_w = jnp.maximum(x2 - x1 + 1, 1)
+    roi_h = jnp.maximum(y2 - y1 + 1, 1)
+    return y1, x1, roi_h, roi_w
+
+
 def _bin_edges(start, length, num_bins, size):
     """Clipped [begin, end) cells of every bin along one axis: [N, num_bins] int32 each."""
     bin_size = exact_divide(length.astype(jnp.float32), jnp.float32(num_bins))[:, None]
@@ -113,12 +130,7 @@ def _pool_bins(table, layout, boxes, map_index, scale, heights, widths, output_h
     """Max (and argmax, if the table has it) of every bin of every box of one image, as a tuple of
     [N, oh, ow, C] arrays. Empty bins give value 0 and argmax -1."""
     oh, ow = output_hw
-    scaled = boxes * scale[:, None]
-    corners = _round_half_away_from_zero(scaled).astype(jnp.int32)
-    x1, y1, x2, y2 = corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3]
-    # Malformed RoIs are forced to 1 x 1, as in torchvision.
-    roi_w = jnp.maximum(x2 - x1 + 1, 1)
-    roi_h = jnp.maximum(y2 - y1 + 1, 1)
+    y1, x1, roi_h, roi_w = quantized_rois(boxes, scale)
     y_begin, y_end = _bin_edges(y1, roi_h, oh, heights)
     x_begin, x_end = _bin_edges(x1, roi_w, ow, widths)
 
