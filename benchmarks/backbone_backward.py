@@ -4,7 +4,7 @@
 
 Times, at 800x1344 and batch 1 with FrozenBN: our backbone forward, our backbone forward + backward (gradient
 of the sum of P2-P6 w.r.t. all parameters), the same with XLA's own convolution backward instead of
-modeling/conv.py's CPU one, torchvision's resnet_fpn_backbone forward + backward on the same input, and our
+layers/conv.py's CPU one, torchvision's resnet_fpn_backbone forward + backward on the same input, and our
 multi-level RoIAlign forward + backward at the train step's sizes (512 RoIs at 7x7, 128 at 14x14).
 """
 
@@ -19,7 +19,8 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskrcnn_jax import ops
-from maskrcnn_jax.modeling import ResNetFPN, conv
+from maskrcnn_jax.layers import conv
+from maskrcnn_jax.modeling import ResNetFPN
 
 HEIGHT, WIDTH = 800, 1344
 
@@ -33,7 +34,7 @@ def steady(fn, *args):
 
 @contextlib.contextmanager
 def xla_conv_backward():
-    """Functions traced inside use XLA's transpose rules for every conv (the layers before modeling/conv.py)."""
+    """Functions traced inside use XLA's transpose rules for every conv (the layers before layers/conv.py)."""
     cpu_gradients = conv.cpu_gradients
     conv.cpu_gradients = conv.xla_gradients
     try:

@@ -1,4 +1,4 @@
-"""modeling/conv.py against lax.conv_general_dilated and its autodiff: forward, both gradients, flax's nn.Conv."""
+"""layers/conv.py against lax.conv_general_dilated and its autodiff: forward, both gradients, flax's nn.Conv."""
 
 import re
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import export, lax
 
-from maskrcnn_jax.modeling import conv
+from maskrcnn_jax.layers import conv
 
 # (input [B, H, W, C], kernel [kh, kw, in, out], strides, padding): 1x1, 3x3, the 7x7 stem, strides that do and do
 # not divide the input, asymmetric and cropping (negative) padding, a rectangular kernel and stride, 'SAME'.
@@ -129,9 +129,11 @@ def test_one_compile_for_new_values(rng):
 
 
 def test_flax_conv_keeps_parameters_and_numerics(rng):
+    """layers.conv.Conv, the convolution every module of modeling/ uses, is flax's nn.Conv with the CPU backward."""
     common = dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     plain = nn.Conv(**common)
-    fast = nn.Conv(**common, conv_general_dilated=conv.conv_general_dilated)
+    fast = conv.Conv(**common)
+    assert fast.conv_general_dilated is conv.conv_general_dilated
     x = jnp.asarray(rng.standard_normal((2, 9, 11, 5)), jnp.float32)
     params = plain.init(jax.random.key(0), x)
     fast_params = fast.init(jax.random.key(0), x)

@@ -22,7 +22,7 @@ from maskrcnn_jax.convert import (
 from maskrcnn_jax.convert.defaults import default_config
 from maskrcnn_jax.convert.layout import conv_transpose_kernel, dense_kernel_from_nchw_flatten, flatten
 from maskrcnn_jax.modeling.mask_rcnn import build_model
-from maskrcnn_jax.modeling.roi_heads import FCNMaskHead
+from maskrcnn_jax.modeling.heads import FCNMaskHead
 
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 CLASS_LAYERS = {"params/box_head/cls_score/kernel", "params/box_head/cls_score/bias", "params/box_head/bbox_pred/kernel",
@@ -53,7 +53,7 @@ def test_conv_transpose_kernel_matches_torch(rng):
     deconv = torch.nn.ConvTranspose2d(3, 6, 2, stride=2)
     with torch.no_grad():
         expected = deconv(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-    from maskrcnn_jax.modeling.roi_heads import Deconv2x2
+    from maskrcnn_jax.layers.deconv import Deconv2x2
 
     layer = Deconv2x2(6)
     params = {"kernel": conv_transpose_kernel(deconv.weight.detach().numpy()), "bias": deconv.bias.detach().numpy()}

@@ -231,7 +231,7 @@ def test_overfits_two_images_and_finds_every_object(tiny, rng):
 
 def test_deconv2x2_matches_torch_conv_transpose(rng):
     torch = pytest.importorskip("torch")
-    from maskrcnn_jax.modeling.roi_heads import Deconv2x2
+    from maskrcnn_jax.layers.deconv import Deconv2x2
 
     x = rng.standard_normal((3, 5, 6, 8)).astype(np.float32)
     module = Deconv2x2(4)

@@ -1,4 +1,4 @@
-"""modeling/pooling.max_pool against lax.reduce_window's autodiff and against torch's max_pool2d, ties included."""
+"""layers/pooling.max_pool against lax.reduce_window's autodiff and against torch's max_pool2d, ties included."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 import torch
 from jax import lax
 
-from maskrcnn_jax.modeling.pooling import max_pool
+from maskrcnn_jax.layers.pooling import max_pool
 
 # (input shape, window, strides, padding): the ResNet stem's pool, odd sizes, a rectangular window and stride.
 CASES = [

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-# Norm-layer leaves as our norm modules name them (modeling/norm.py): statistics always live in batch_stats; the
+# Norm-layer leaves as our norm modules name them (layers/norm.py): statistics always live in batch_stats; the
 # affine weight and bias live there too for FrozenBN and in params for trainable BN / GroupNorm.
 NORM_STATISTICS = ("running_mean", "running_var")
 NORM_AFFINE = ("weight", "bias")

@@ -3,21 +3,16 @@
 from maskrcnn_jax.modeling.defaults import model_config
 from maskrcnn_jax.modeling.fpn import FPN, ResNetFPN, upsample_nearest
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, build_model
-from maskrcnn_jax.modeling.norm import BatchNorm, FrozenBatchNorm, GroupNorm, make_norm
 from maskrcnn_jax.modeling.resnet import ResNet, frozen_names, frozen_param_mask, out_channels
 
 __all__ = [
     "FPN",
-    "BatchNorm",
-    "FrozenBatchNorm",
     "MaskRCNN",
-    "GroupNorm",
     "ResNet",
     "ResNetFPN",
     "build_model",
     "frozen_names",
     "frozen_param_mask",
-    "make_norm",
     "model_config",
     "out_channels",
     "upsample_nearest",

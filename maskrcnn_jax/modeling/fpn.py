@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from maskrcnn_jax.modeling.conv import conv_general_dilated
-from maskrcnn_jax.modeling.norm import make_norm
+from maskrcnn_jax.layers.conv import Conv
+from maskrcnn_jax.layers.norm import make_norm
 from maskrcnn_jax.modeling.resnet import ResNet
 
 # torchvision / detectron2 FPN init: kaiming_uniform_(a=1), i.e. uniform with variance 1 / fan_in; zero bias.
@@ -71,7 +71,7 @@ class FPN(nn.Module):
 
     def _conv(self, kernel, name):
         pad = kernel // 2
-        conv = nn.Conv(
+        conv = Conv(
             self.channels,
             (kernel, kernel),
             padding=((pad, pad), (pad, pad)),
@@ -79,7 +79,6 @@ class FPN(nn.Module):
             kernel_init=fpn_conv_init,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            conv_general_dilated=conv_general_dilated,
             name=name,
         )
         if self.norm is None:

@@ -15,14 +15,8 @@ import ml_collections
 
 from maskrcnn_jax import ops
 from maskrcnn_jax.modeling.fpn import ResNetFPN
-from maskrcnn_jax.modeling.roi_heads import (
-    BoxHead,
-    FCNMaskHead,
-    MLPMaskHead,
-    box_head_losses,
-    detect,
-    sample_rois,
-)
+from maskrcnn_jax.modeling.heads import BoxHead, FCNMaskHead, MLPMaskHead
+from maskrcnn_jax.modeling.roi_heads import box_head_losses, detect, sample_rois
 from maskrcnn_jax.modeling.rpn import RPNHead, propose, rpn_losses
 
 MASK_SIZE = 28

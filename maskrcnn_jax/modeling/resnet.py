@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.conv import conv_general_dilated
-from maskrcnn_jax.modeling.norm import make_norm
-from maskrcnn_jax.modeling.pooling import max_pool
+from maskrcnn_jax.layers.conv import Conv
+from maskrcnn_jax.layers.norm import make_norm
+from maskrcnn_jax.layers.pooling import max_pool
 
 # depth -> (block type, blocks per stage layer1..layer4)
 RESNET_STAGES = {
@@ -78,7 +78,7 @@ def frozen_param_mask(resnet_params, freeze_at: int):
 def _conv(features, kernel, stride, dtype, name):
     # Symmetric padding kernel // 2 on both sides, as PyTorch (7x7 -> 3, 3x3 -> 1, 1x1 -> 0).
     pad = kernel // 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
@@ -87,7 +87,6 @@ def _conv(features, kernel, stride, dtype, name):
         kernel_init=conv_init,
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 

@@ -1,114 +1,17 @@
-"""RoI heads: the box head and mask head modules, RoI sampling for training, their losses, and detection.
+"""RoI heads' arithmetic: RoI sampling for training, the box head's losses, and detection (the head modules are in
+heads.py).
 
 Label convention: `num_classes` counts the background, as torchvision does (91 for COCO); label 0 is background,
 1..num_classes-1 are objects. Class logits, box deltas and mask logits all have `num_classes` slots, so a label
 indexes them directly (the background slots of the box and mask outputs are never trained).
 """
 
-from typing import Any
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax import ops
-from maskrcnn_jax.modeling.conv import conv_general_dilated
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-
-# detectron2's initialisations: c2_xavier_fill for FCs, c2_msra_fill for convs, small normals for predictors.
-fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-class BoxHead(nn.Module):
-    """Two shared FC layers, then class logits and class-specific box deltas (torchvision TwoMLPHead +
-    FastRCNNPredictor: `fc6`, `fc7`, `cls_score`, `bbox_pred`)."""
-
-    num_classes: int
-    fc_dim: int = 1024
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, roi_features):
-        """roi_features [..., R, 7, 7, C] -> logits [..., R, num_classes], deltas [..., R, num_classes, 4]."""
-        x = roi_features.reshape(*roi_features.shape[:-3], -1)
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc6")(x))
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc7")(x))
-        logits = nn.Dense(
-            self.num_classes, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, name="cls_score"
-        )(x)
-        deltas = nn.Dense(
-            4 * self.num_classes, kernel_init=nn.initializers.normal(0.001), dtype=self.dtype, name="bbox_pred"
-        )(x)
-        return logits.astype(jnp.float32), deltas.reshape(*deltas.shape[:-1], self.num_classes, 4).astype(jnp.float32)
-
-
-class Deconv2x2(nn.Module):
-    """A 2x2 stride-2 transposed convolution: out[2i + a, 2j + b] = x[i, j] @ kernel[a, b] + bias.
-
-    The windows do not overlap, so it is one matmul and a pixel shuffle. XLA's CPU backend computes the kernel
-    gradient of the equivalent lax.conv_transpose some 30x slower (19 s for 128 RoIs at 14x14x256).
-    torchvision's ConvTranspose2d weight [C, O, 2, 2] is this kernel transposed to [2, 2, C, O]: no flip.
-    """
-
-    features: int
-    kernel_init: Any = conv_init
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (2, 2, channels, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
-        n, h, _, w, _, o = y.shape
-        return y.reshape(n, 2 * h, 2 * w, o) + bias
-
-
-class FCNMaskHead(nn.Module):
-    """The paper's FCN mask head: 4 x (3x3 conv, 256, ReLU), a 2x2 stride-2 deconv, then a 1x1 conv to one mask
-    per class (torchvision MaskRCNNHeads + MaskRCNNPredictor: `mask_fcn1..4`, `conv5_mask`, `mask_fcn_logits`)."""
-
-    num_masks: int
-    conv_dim: int = 256
-    num_convs: int = 4
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, roi_features):
-        """roi_features [..., R, 14, 14, C] -> mask logits [..., R, 28, 28, num_masks]."""
-        lead = roi_features.shape[:-3]
-        x = roi_features.reshape(-1, *roi_features.shape[-3:])
-        for i in range(self.num_convs):
-            x = nn.Conv(self.conv_dim, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
-                        conv_general_dilated=conv_general_dilated, name=f"mask_fcn{i + 1}")(x)
-            x = nn.relu(x)
-        x = Deconv2x2(self.conv_dim, dtype=self.dtype, name="conv5_mask")(x)
-        x = nn.relu(x)
-        x = nn.Conv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
-                    conv_general_dilated=conv_general_dilated, name="mask_fcn_logits")(x)
-        return x.reshape(*lead, *x.shape[1:]).astype(jnp.float32)
-
-
-class MLPMaskHead(nn.Module):
-    """The paper's MLP ablation (Table 2e): fc 1024 -> fc 1024 -> num_masks x 28 x 28, no spatial layout."""
-
-    num_masks: int
-    fc_dim: int = 1024
-    mask_size: int = 28
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, roi_features):
-        x = roi_features.reshape(*roi_features.shape[:-3], -1)
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc1")(x))
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc2")(x))
-        x = nn.Dense(self.mask_size * self.mask_size * self.num_masks, kernel_init=nn.initializers.normal(0.001),
-                     dtype=self.dtype, name="mask_logits")(x)
-        return x.reshape(*x.shape[:-1], self.mask_size, self.mask_size, self.num_masks).astype(jnp.float32)
-
 
 def sample_rois(
     key,

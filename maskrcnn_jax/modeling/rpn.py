@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax import ops
-from maskrcnn_jax.modeling.conv import conv_general_dilated
+from maskrcnn_jax.layers.conv import Conv
 
 # torchvision RPNHead / detectron2 StandardRPNHead init.
 head_init = nn.initializers.normal(stddev=0.01)
@@ -29,10 +29,10 @@ class RPNHead(nn.Module):
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]):
         """features: per level [B, H, W, C]. Returns objectness [B, sum HWA] and deltas [B, sum HWA, 4] (float32)."""
-        conv_options = dict(kernel_init=head_init, dtype=self.dtype, conv_general_dilated=conv_general_dilated)
-        conv = nn.Conv(features[0].shape[-1], (3, 3), padding=1, name="conv", **conv_options)
-        cls_logits = nn.Conv(self.num_anchors, (1, 1), name="cls_logits", **conv_options)
-        bbox_pred = nn.Conv(4 * self.num_anchors, (1, 1), name="bbox_pred", **conv_options)
+        conv_options = dict(kernel_init=head_init, dtype=self.dtype)
+        conv = Conv(features[0].shape[-1], (3, 3), padding=1, name="conv", **conv_options)
+        cls_logits = Conv(self.num_anchors, (1, 1), name="cls_logits", **conv_options)
+        bbox_pred = Conv(4 * self.num_anchors, (1, 1), name="bbox_pred", **conv_options)
         logits, deltas = [], []
         for feature in features:
             hidden = nn.relu(conv(feature))

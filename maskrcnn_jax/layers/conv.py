@@ -25,7 +25,9 @@ but not forward mode (``jvp``, ``jacfwd``).
 """
 
 import functools
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -276,3 +278,10 @@ def cpu_gradients(x, kernel, grad, *, strides, padding):
         ),
     )
     return input_grad, kernel_grad
+
+
+class Conv(nn.Conv):
+    """flax's nn.Conv with this module's conv_general_dilated bound once: the same parameters, names and forward
+    numerics, and the CPU-friendly backward wherever it is traced. Every convolution of modeling/ is this one."""
+
+    conv_general_dilated: Callable[..., Any] | None = conv_general_dilated

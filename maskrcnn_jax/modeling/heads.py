@@ -1,0 +1,83 @@
+"""The box head and the mask heads: parameters and wiring only (their losses and sampling are in roi_heads.py).
+
+Variable names follow torchvision's state dict (`fc6`, `fc7`, `cls_score`, `bbox_pred`, `mask_fcn1..4`, `conv5_mask`,
+`mask_fcn_logits`), so a weight import is a rename plus a transpose.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from maskrcnn_jax.layers.conv import Conv
+from maskrcnn_jax.layers.deconv import Deconv2x2
+
+# detectron2's initialisations: c2_xavier_fill for FCs, c2_msra_fill for convs, small normals for predictors.
+fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BoxHead(nn.Module):
+    """Two shared FC layers, then class logits and class-specific box deltas (torchvision TwoMLPHead +
+    FastRCNNPredictor: `fc6`, `fc7`, `cls_score`, `bbox_pred`)."""
+
+    num_classes: int
+    fc_dim: int = 1024
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, roi_features):
+        """roi_features [..., R, 7, 7, C] -> logits [..., R, num_classes], deltas [..., R, num_classes, 4]."""
+        x = roi_features.reshape(*roi_features.shape[:-3], -1)
+        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc6")(x))
+        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc7")(x))
+        logits = nn.Dense(
+            self.num_classes, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, name="cls_score"
+        )(x)
+        deltas = nn.Dense(
+            4 * self.num_classes, kernel_init=nn.initializers.normal(0.001), dtype=self.dtype, name="bbox_pred"
+        )(x)
+        return logits.astype(jnp.float32), deltas.reshape(*deltas.shape[:-1], self.num_classes, 4).astype(jnp.float32)
+
+
+class FCNMaskHead(nn.Module):
+    """The paper's FCN mask head: 4 x (3x3 conv, 256, ReLU), a 2x2 stride-2 deconv, then a 1x1 conv to one mask
+    per class (torchvision MaskRCNNHeads + MaskRCNNPredictor: `mask_fcn1..4`, `conv5_mask`, `mask_fcn_logits`)."""
+
+    num_masks: int
+    conv_dim: int = 256
+    num_convs: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, roi_features):
+        """roi_features [..., R, 14, 14, C] -> mask logits [..., R, 28, 28, num_masks]."""
+        lead = roi_features.shape[:-3]
+        x = roi_features.reshape(-1, *roi_features.shape[-3:])
+        for i in range(self.num_convs):
+            x = Conv(self.conv_dim, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
+                     name=f"mask_fcn{i + 1}")(x)
+            x = nn.relu(x)
+        x = Deconv2x2(self.conv_dim, kernel_init=conv_init, dtype=self.dtype, name="conv5_mask")(x)
+        x = nn.relu(x)
+        x = Conv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
+                 name="mask_fcn_logits")(x)
+        return x.reshape(*lead, *x.shape[1:]).astype(jnp.float32)
+
+
+class MLPMaskHead(nn.Module):
+    """The paper's MLP ablation (Table 2e): fc 1024 -> fc 1024 -> num_masks x 28 x 28, no spatial layout."""
+
+    num_masks: int
+    fc_dim: int = 1024
+    mask_size: int = 28
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, roi_features):
+        x = roi_features.reshape(*roi_features.shape[:-3], -1)
+        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc1")(x))
+        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc2")(x))
+        x = nn.Dense(self.mask_size * self.mask_size * self.num_masks, kernel_init=nn.initializers.normal(0.001),
+                     dtype=self.dtype, name="mask_logits")(x)
+        return x.reshape(*x.shape[:-1], self.mask_size, self.mask_size, self.num_masks).astype(jnp.float32)
