@@ -24,14 +24,16 @@ def _at_least_float32(x):
 def _grid_cell(coordinate, start, end, heatmap_size):
     """Cell index along one axis (float, floored) and whether it lies on the grid.
 
-    torchvision's arithmetic in its order: scale = m / (end - start), floor((c - start) * scale), and a coordinate
-    exactly equal to `end` goes to the last cell. For a zero-length RoI torchvision divides by zero and gets NaN or
+    torchvision's arithmetic in its order: scale = m / (end - start), which torch evaluates as
+    (1 / (end - start)) * m (Tensor.__rtruediv__, two roundings), then floor((c - start) * scale); a coordinate
+    exactly equal to `end` goes to the last cell. The same roundings matter: a keypoint on a cell boundary, say
+    midway across the RoI, falls on either side by them. For a zero-length RoI torchvision divides by zero and gets NaN or
     +-inf, which no cell accepts except through that `end` rule; we reach the same verdict without computing an
     infinity (a masked infinity would still poison gradients elsewhere in the graph).
     """
     length = end - start
     has_length = length != 0
-    scale = heatmap_size / jnp.where(has_length, length, 1.0)
+    scale = (1.0 / jnp.where(has_length, length, 1.0)) * heatmap_size
     cell = jnp.floor((coordinate - start) * scale)
     on_end = coordinate == end
     on_grid = on_end | (has_length & (cell >= 0) & (cell < heatmap_size))
