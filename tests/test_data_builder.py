@@ -50,9 +50,9 @@ class _Writer:
             save(os.path.join(self.images_dir, file_name))
         return image_id
 
-    def annotate(self, image_id, category_id, segmentation, bbox, iscrowd=0, area=None):
+    def annotate(self, image_id, category_id, segmentation, bbox, iscrowd=0, area=None, **extra):
         annotation = {"id": 100 + len(self.annotations), "image_id": image_id, "category_id": category_id,
-                      "segmentation": segmentation, "bbox": bbox, "iscrowd": iscrowd}
+                      "segmentation": segmentation, "bbox": bbox, "iscrowd": iscrowd, **extra}
         if area is not None:
             annotation["area"] = area
         self.annotations.append(annotation)
@@ -349,3 +349,237 @@ def test_splits_must_share_categories(tmp_path):
         builder_lib.build({"name": "mismatch", "data_dir": str(tmp_path / "tfds"), "train_json": train_json,
                            "train_images": writer.images_dir, "val_json": val_json,
                            "val_images": writer.images_dir})
+
+
+def test_a_dataset_without_keypoints_has_no_keypoint_schema(built):
+    builder, examples, expect, _ = built
+    assert builder_lib.load_keypoint_schema(builder) is None
+    assert builder.info.metadata["keypoints"] is None
+    summary = builder_lib.build_summary(builder)["train"]
+    assert summary["keypoint_instances"] == summary["labelled_keypoints"] == 0
+    assert "keypoint" not in builder_lib.format_summary({"train": summary})
+    assert examples[expect["rgb"]["id"]]["objects"]["keypoints"].shape == (2, 0, 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keypoints.
+
+KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_foot", "right_foot"]
+KEYPOINT_SIGMAS = [0.026, 0.025, 0.025, 0.089, 0.089]
+KEYPOINT_CATEGORIES = [{"id": 5, "name": "person", "keypoints": KEYPOINT_NAMES, "skeleton": [[1, 2], [1, 3], [4, 5]],
+                        "kpt_oks_sigmas": KEYPOINT_SIGMAS},
+                       {"id": 2, "name": "ball"}]
+SQUARE = [4.0, 4.0, 20.0, 4.0, 20.0, 20.0, 4.0, 20.0]
+
+
+def _flat(points):
+    return [float(v) for point in points for v in point]
+
+
+@pytest.fixture(scope="module")
+def keypoint_build(tmp_path_factory):
+    """A keypoint dataset with one annotation per way keypoints can be good or bad: (builder, objects, cases)."""
+    root = str(tmp_path_factory.mktemp("keypoint_case"))
+    w = _Writer(root)
+    image_id = w.image("people.png", 40, 60, _save_array(np.zeros((40, 60, 3), np.uint8)))
+    good = [(10, 5, 2), (12, 4.5, 2), (8, 4, 1), (0, 0, 0), (60, 40, 2)]  # the far corner is inside
+    cases = {  # name: (keypoints in the JSON, what is stored)
+        "good": (_flat(good), good),
+        "wrong_length": (_flat(good)[:6], [(0, 0, 0)] * 5),
+        "bad_visibility": (_flat([(10, 5, 3)] + good[1:]), [(0, 0, 0)] * 5),
+        "outside": (_flat([(60.5, 5, 2)] + good[1:]), [(0, 0, 0)] + good[1:]),
+        "position_without_visibility": (_flat([(10, 5, 0)] + good[1:]), [(0, 0, 0)] + good[1:]),
+    }
+    ids = {}
+    for name, (raw, _) in cases.items():
+        ids[name] = w.annotate(image_id, 5, [SQUARE], _polygon_box(SQUARE), keypoints=raw,
+                               num_keypoints=sum(v > 0 for v in raw[2::3]))
+    ids["num_keypoints_mismatch"] = w.annotate(image_id, 5, [SQUARE], _polygon_box(SQUARE), keypoints=_flat(good),
+                                               num_keypoints=2)
+    cases["num_keypoints_mismatch"] = (None, good)
+    ids["ball"] = w.annotate(image_id, 2, [SQUARE], _polygon_box(SQUARE))
+    cases["ball"] = (None, [(0, 0, 0)] * 5)
+    ids["crowd"] = w.annotate(image_id, 5, [SQUARE], _polygon_box(SQUARE), iscrowd=1, keypoints=[0] * 15,
+                              num_keypoints=0)
+    cases["crowd"] = (None, [(0, 0, 0)] * 5)
+    w.image("nobody.png", 20, 20, _save_array(np.zeros((20, 20, 3), np.uint8)))
+    json_path = w.write(categories=KEYPOINT_CATEGORIES)
+    builder = builder_lib.build({"name": "people", "data_dir": os.path.join(root, "tfds"), "train_json": json_path,
+                                 "train_images": w.images_dir})
+    example = next(e for e in tfds.as_numpy(builder.as_dataset(split="train")) if e["image_id"] == image_id)
+    order = [name for name in ids if name != "crowd"] + ["crowd"]  # the builder puts crowd regions last
+    return builder, example["objects"], {name: cases[name][1] for name in order}
+
+
+def test_keypoint_schema_is_stored_with_the_dataset(keypoint_build):
+    builder, _, _ = keypoint_build
+    schema = builder_lib.load_keypoint_schema(builder)
+    assert schema.names == tuple(KEYPOINT_NAMES) and schema.num_keypoints == 5
+    assert schema.skeleton == ((0, 1), (0, 2), (3, 4))  # 0-based past the JSON
+    assert schema.oks_sigmas == pytest.approx(KEYPOINT_SIGMAS)
+    assert schema.category_ids == (5,)
+    reloaded = builder_lib.get_builder({"name": "people", "data_dir": os.fspath(builder.data_dir_root)})
+    assert reloaded.is_prepared()
+    assert builder_lib.load_keypoint_schema(reloaded) == schema
+
+
+def test_keypoints_are_stored_per_object_and_bad_ones_counted(keypoint_build):
+    builder, objects, expected = keypoint_build
+    assert objects["keypoints"].shape == (len(expected), 5, 3) and objects["keypoints"].dtype == np.float32
+    for stored, (name, points) in zip(objects["keypoints"], expected.items()):
+        np.testing.assert_array_equal(stored, np.asarray(points, np.float32), err_msg=name)
+    assert objects["num_keypoints"].tolist() == [sum(v > 0 for _, _, v in p) for p in expected.values()]
+    assert objects["label"].shape == (len(expected),)  # instances with bad keypoints are kept
+    summary = builder_lib.build_summary(builder)["train"]
+    assert summary["keypoint_corrections"] == {"invalid_keypoints": 1, "invalid_keypoint_visibility": 1,
+                                               "keypoint_outside_image": 1, "position_without_visibility": 1,
+                                               "num_keypoints_mismatch": 1}
+    assert summary["keypoint_instances"] == 4  # good, outside, position_without_visibility, num_keypoints_mismatch
+    assert summary["labelled_keypoints"] == 4 + 3 + 3 + 4
+    text = builder_lib.format_summary({"train": summary})
+    assert "14 labelled on 4 instances" in text and "1 keypoint_outside_image" in text
+
+
+def _keypoint_json(tmp_path, categories, annotation_keypoints=None, category_id=5):
+    writer = _Writer(str(tmp_path))
+    image_id = writer.image("a.png", 10, 10, _save_array(np.zeros((10, 10, 3), np.uint8)))
+    extra = {} if annotation_keypoints is None else {"keypoints": annotation_keypoints}
+    writer.annotate(image_id, category_id, [[1.0, 1.0, 5.0, 1.0, 5.0, 5.0]], [1, 1, 4, 4], **extra)
+    return writer.write(categories=categories)
+
+
+def _category(**changes):
+    return [dict(KEYPOINT_CATEGORIES[0], **changes), KEYPOINT_CATEGORIES[1]]
+
+
+@pytest.mark.parametrize("categories, keypoints, category_id, message", [
+    (KEYPOINT_CATEGORIES, [1, 1, 2] + [0] * 12, 2, "category 2 names no keypoints"),
+    (KEYPOINT_CATEGORIES + [{"id": 9, "name": "cat", "keypoints": ["nose", "tail"]}], None, 5,
+     "name different keypoints"),
+    (_category(skeleton=[[1, 6]]), None, 5, "'skeleton' must be pairs of 1-based keypoint indices in 1..5"),
+    (_category(kpt_oks_sigmas=[0.1] * 4), None, 5, "oks_sigmas must be 5 positive numbers"),
+    (_category(keypoints=["nose", "nose", "a", "b", "c"]), None, 5, "must be unique"),
+])
+def test_invalid_keypoint_files_are_clear_errors(tmp_path, categories, keypoints, category_id, message):
+    path = _keypoint_json(tmp_path, categories, keypoints, category_id)
+    with pytest.raises(coco_format.CocoFormatError, match=message):
+        coco_format.load_coco_annotations(path)
+
+
+def test_all_zero_keypoints_on_a_category_without_names_say_nothing(tmp_path):
+    index = coco_format.load_coco_annotations(_keypoint_json(tmp_path, KEYPOINT_CATEGORIES, [0, 0, 0], 2))
+    assert index.keypoints.names == tuple(KEYPOINT_NAMES)
+
+
+def test_splits_must_share_keypoints(tmp_path):
+    train_json = _keypoint_json(tmp_path / "train", KEYPOINT_CATEGORIES)
+    val_json = _keypoint_json(tmp_path / "val", _category(keypoints=KEYPOINT_NAMES[::-1]))
+    with pytest.raises(coco_format.CocoFormatError, match="keypoints of validation"):
+        builder_lib.build({"name": "keypoint_mismatch", "data_dir": str(tmp_path / "tfds"),
+                           "train_json": train_json, "train_images": str(tmp_path / "train" / "images"),
+                           "val_json": val_json, "val_images": str(tmp_path / "val" / "images")})
+
+
+class _Version100(builder_lib.CocoInstances, skip_registration=True):
+    """The builder as it was before keypoints (same name, version 1.0.0), to write an old dataset."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SUPPORTED_VERSIONS = []
+    name = "coco_instances"
+
+    def _generate_examples(self, split, index, images_dir):
+        for key, example in super()._generate_examples(split, index, images_dir):
+            del example["objects"]["keypoints"], example["objects"]["num_keypoints"]
+            yield key, example
+
+
+def test_a_dataset_built_before_keypoint_support_is_still_read(tmp_path):
+    writer = _Writer(str(tmp_path))
+    image_id = writer.image("a.png", 20, 20, _save_array(np.full((20, 20, 3), 9, np.uint8)))
+    writer.annotate(image_id, 3, [SQUARE], _polygon_box(SQUARE))
+    config = {"name": "old", "data_dir": str(tmp_path / "tfds"), "train_json": writer.write(),
+              "train_images": writer.images_dir}
+    old = _Version100(config=builder_lib.CocoInstancesConfig(
+        name="old", train_json=config["train_json"], train_images=config["train_images"]), data_dir=config["data_dir"])
+    old.download_and_prepare()
+    assert "keypoints" not in old.info.features["objects"].feature.keys()
+
+    builder = builder_lib.build(config)  # finds the old version instead of building a new one
+    assert str(builder.version) == "1.0.0" and builder.is_prepared()
+    assert builder_lib.load_keypoint_schema(builder) is None
+    (example,) = tfds.as_numpy(builder.as_dataset(split="train"))
+    assert example["objects"]["label"].tolist() == [1] and "keypoints" not in example["objects"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Source fingerprints: a built dataset is never silently stale.
+
+
+@pytest.fixture
+def fingerprinted(tmp_path):
+    """A built one-image dataset: (data config, writer)."""
+    writer = _Writer(str(tmp_path))
+    image_id = writer.image("a.png", 24, 24, _save_array(np.full((24, 24, 3), 50, np.uint8)))
+    writer.annotate(image_id, 12, [SQUARE], _polygon_box(SQUARE))
+    config = {"name": "fingerprinted", "data_dir": str(tmp_path / "tfds"), "train_json": writer.write(),
+              "train_images": writer.images_dir}
+    builder = builder_lib.build(config)
+    sources = builder.info.metadata["sources"]["train"]
+    assert sources["json_bytes"] == os.path.getsize(config["train_json"])
+    assert (sources["image_files"], sources["image_bytes"]) == (1, os.path.getsize(
+        os.path.join(writer.images_dir, "a.png")))
+    return config, writer
+
+
+def _rewrite(path, old, new, keep_mtime=False):
+    stat = os.stat(path)
+    with open(path) as f:
+        text = f.read()
+    assert old in text
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
+    # A fixed, different modification time, so the test does not depend on the file system's clock resolution.
+    mtime = stat.st_mtime_ns if keep_mtime else stat.st_mtime_ns + 5 * 10**9
+    os.utime(path, ns=(mtime, mtime))
+
+
+def test_a_changed_json_stops_with_what_changed_and_what_to_do(fingerprinted):
+    config, _ = fingerprinted
+    _rewrite(config["train_json"], '"kite"', '"kite with a longer name"')
+    with pytest.raises(builder_lib.StaleDatasetError) as error:
+        builder_lib.build(config)
+    message = str(error.value)
+    assert "train: JSON" in message and config["train_json"] in message and "bytes, was" in message
+    assert "Delete" in message and "data.name" in message
+
+
+def test_a_json_with_the_same_size_but_other_content_is_caught_by_its_hash(fingerprinted):
+    config, _ = fingerprinted
+    _rewrite(config["train_json"], '"kite"', '"kitE"')
+    with pytest.raises(builder_lib.StaleDatasetError, match="same size but different content"):
+        builder_lib.get_builder(config)
+
+
+def test_a_touched_or_moved_json_with_the_same_content_is_not_stale(fingerprinted, tmp_path):
+    config, _ = fingerprinted
+    _rewrite(config["train_json"], '"kite"', '"kite"')  # a new modification time only
+    assert builder_lib.get_builder(config).is_prepared()
+    moved = str(tmp_path / "moved.json")
+    os.rename(config["train_json"], moved)
+    assert builder_lib.get_builder(dict(config, train_json=moved)).is_prepared()
+    # Without the sources at hand (e.g. only the records were copied) there is nothing to compare.
+    assert builder_lib.get_builder(config).is_prepared()
+
+
+def test_a_changed_image_folder_is_caught(fingerprinted):
+    config, writer = fingerprinted
+    _save_array(np.zeros((8, 8, 3), np.uint8))(os.path.join(writer.images_dir, "extra.png"))
+    with pytest.raises(builder_lib.StaleDatasetError, match="image folder .* holds 2 files"):
+        builder_lib.get_builder(config)
+
+
+def test_a_dataset_built_before_fingerprints_compares_the_json_size():
+    recorded = {"json": "/old/instances.json", "json_bytes": 10, "images": "/old/images"}
+    assert builder_lib.changed_sources(recorded, __file__, os.path.dirname(__file__))
+    recorded["json_bytes"] = os.path.getsize(__file__)
+    assert builder_lib.changed_sources(recorded, __file__, os.path.dirname(__file__)) == []

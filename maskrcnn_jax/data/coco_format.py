@@ -1,4 +1,4 @@
-"""Reading COCO-format instance annotations: validation, the category map, images and instance masks.
+"""Reading COCO-format instance annotations: validation, the category map, images, instance masks and keypoints.
 
 Everything here is plain Python/NumPy/PIL/pycocotools and runs at dataset build time. The TFDS builder
 (`builder.py`) calls it once per image; nothing here touches TensorFlow.
@@ -7,6 +7,21 @@ Coordinates are continuous pixels of the upright image: pixel `k` covers `[k, k+
 `[x, y, w, h]`; it becomes `(x1, y1, x2, y2) = (x, y, x + w, y + h)` here and never goes back.
 Annotations are taken to describe the image as displayed, i.e. after its EXIF orientation is applied
 (detectron2's convention), so images are rotated upright here and their size checked against the JSON.
+Keypoints, like boxes, are read as the JSON gives them: continuous pixels of the upright image, no shift
+(detectron2 adds 0.5, taking COCO's integer keypoints for pixel indices; here they stay as written, so that
+ground truth and results meet in one frame without a correction on either side).
+
+Keypoints (COCO's person_keypoints format): a category may name its keypoints (`keypoints`, a list of names),
+connect them (`skeleton`, 1-based index pairs) and, as an extension of this project, give their OKS sigmas
+(`kpt_oks_sigmas`, pycocotools' name). An annotation of such a category carries `keypoints`, a flat list of
+K (x, y, v) triples with v = 0 unlabelled, 1 labelled but not visible, 2 visible. What is done with bad input:
+  a category list whose keypoint categories name different keypoints, a bad skeleton or sigmas,
+  or labelled keypoints on a category without keypoint names       -> CocoFormatError (the file is wrong)
+  keypoints that are not 3K numbers, or a visibility outside {0,1,2} -> the annotation is kept without
+                                                                        keypoints (all v = 0), counted
+  a labelled keypoint outside the image                             -> that keypoint becomes (0, 0, 0), counted
+  v = 0 with a non-zero position; a `num_keypoints` that disagrees  -> position zeroed / count recomputed, counted
+The counts are the build summary's `keypoint_corrections` (see builder.py); each is logged too.
 """
 
 from __future__ import annotations
@@ -22,6 +37,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
+
+from maskrcnn_jax.data.keypoints import KeypointSchema
 
 _EXIF_ORIENTATION_TAG = 0x0112
 
@@ -108,12 +125,14 @@ class CategoryMap:
 
 @dataclasses.dataclass
 class CocoIndex:
-    """A validated annotation file: images in file order, annotations grouped by image, and categories."""
+    """A validated annotation file: images in file order, annotations grouped by image, categories, and the
+    keypoint schema (None when no category names keypoints)."""
 
     path: str
     images: list[dict[str, Any]]
     annotations_by_image: dict[int, list[dict[str, Any]]]
     categories: CategoryMap
+    keypoints: KeypointSchema | None = None
 
 
 def _require(condition: bool, path: str, message: str) -> None:
@@ -129,7 +148,8 @@ def load_coco_annotations(path: str | os.PathLike) -> CocoIndex:
     """Reads and validates a COCO instances JSON. Raises CocoFormatError with the reason when it is not one.
 
     Checks: the top-level keys and their types, unique image and category ids, every annotation names an
-    existing image and a category from the category list (the error names the annotation and the id).
+    existing image and a category from the category list (the error names the annotation and the id), and the
+    keypoint declarations of the categories (see the module doc).
     """
     path = os.fspath(path)
     try:
@@ -153,6 +173,8 @@ def load_coco_annotations(path: str | os.PathLike) -> CocoIndex:
     _require(not duplicates, path, f"duplicate category ids {duplicates}")
     categories = CategoryMap.from_coco_categories(data["categories"])
     known_categories = set(category_ids)
+    keypoint_schema = _keypoint_schema(data["categories"], path)
+    keypoint_categories = set(keypoint_schema.category_ids) if keypoint_schema else set()
 
     images = []
     seen_ids = set()
@@ -179,8 +201,57 @@ def load_coco_annotations(path: str | os.PathLike) -> CocoIndex:
             raise CocoFormatError(
                 f"{path}: {name} (image {annotation['image_id']}) has category_id {category_id!r}, which is "
                 f"missing from the category list (ids {sorted(known_categories)})")
+        if category_id not in keypoint_categories and _has_labelled_keypoints(annotation.get("keypoints")):
+            raise CocoFormatError(
+                f"{path}: {name} (image {annotation['image_id']}) has keypoints, but its category {category_id} "
+                "names no keypoints: give the category a 'keypoints' list of names")
         by_image[annotation["image_id"]].append(annotation)
-    return CocoIndex(path, images, dict(by_image), categories)
+    return CocoIndex(path, images, dict(by_image), categories, keypoint_schema)
+
+
+def _keypoint_schema(categories: list[dict[str, Any]], path: str) -> KeypointSchema | None:
+    """The one keypoint schema of the categories that name keypoints; CocoFormatError if they disagree."""
+    schemas = []
+    for category in sorted(categories, key=lambda c: c["id"]):
+        names = category.get("keypoints")
+        if not names:
+            continue
+        where = f"category {category['id']} ({category['name']})"
+        _require(isinstance(names, list) and all(isinstance(n, str) for n in names), path,
+                 f"{where}: 'keypoints' must be a list of names")
+        skeleton = category.get("skeleton") or []
+        _require(isinstance(skeleton, list) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and all(_is_int(i) and 1 <= i <= len(names) for i in e)
+            for e in skeleton), path, f"{where}: 'skeleton' must be pairs of 1-based keypoint indices in "
+                                      f"1..{len(names)}")
+        sigmas = category.get("kpt_oks_sigmas")
+        _require(sigmas is None or (isinstance(sigmas, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas)), path,
+                 f"{where}: 'kpt_oks_sigmas' must be a list of numbers")
+        try:
+            schemas.append(KeypointSchema(
+                names=tuple(names), skeleton=tuple((a - 1, b - 1) for a, b in skeleton),
+                oks_sigmas=None if sigmas is None else tuple(float(v) for v in sigmas),
+                category_ids=(category["id"],)))
+        except ValueError as e:
+            raise CocoFormatError(f"{path} is not a valid COCO keypoints file: {where}: {e}") from e
+    if not schemas:
+        return None
+    first = schemas[0]
+    for other in schemas[1:]:
+        _require(dataclasses.replace(other, category_ids=first.category_ids) == first, path,
+                 f"categories {first.category_ids[0]} and {other.category_ids[0]} name different keypoints, "
+                 "skeletons or sigmas; one keypoint list must serve every category")
+    return dataclasses.replace(first, category_ids=tuple(s.category_ids[0] for s in schemas))
+
+
+def _has_labelled_keypoints(raw: Any) -> bool:
+    """Whether a raw `keypoints` value says anything: absent, empty and all-zero lists say nothing."""
+    if raw is None or raw == []:
+        return False
+    if not isinstance(raw, list):
+        return True
+    return any(v != 0 for v in raw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,6 +320,13 @@ class Instance:
     is_crowd: bool
     area: float  # the annotation's 'area' (COCO eval uses it for small/medium/large), else the mask's
     mask: np.ndarray  # uint8 [H, W] in {0, 1}
+    keypoints: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.float32))  # [K, 3]
+    keypoint_corrections: tuple[tuple[str, str], ...] = ()  # (reason, detail) of each change made to them
+
+    @property
+    def num_keypoints(self) -> int:
+        """Labelled keypoints (v > 0)."""
+        return int((self.keypoints[:, 2] > 0).sum())
 
 
 class InstanceSkipped(Exception):
@@ -290,9 +368,50 @@ def _mask_box(mask: np.ndarray) -> np.ndarray:
     return np.asarray([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
 
 
-def parse_instance(annotation: Mapping[str, Any], categories: CategoryMap, height: int, width: int) -> Instance:
+def parse_keypoints(raw: Any, num_keypoints: int, height: int, width: int, stated_count: Any = None
+                    ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """A raw `keypoints` value -> (float32 [K, 3] (x, y, v), [(correction reason, detail)]), by the rules in the
+    module doc. Absent or empty means no labelled keypoint."""
+    zeros = np.zeros((num_keypoints, 3), np.float32)
+    if raw is None or raw == []:
+        return zeros, []
+    if not isinstance(raw, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+        return zeros, [("invalid_keypoints", "'keypoints' is not a list of numbers; its keypoints are dropped")]
+    if len(raw) != 3 * num_keypoints:
+        return zeros, [("invalid_keypoints", f"{len(raw)} keypoint values, not 3 x {num_keypoints}; its "
+                                             "keypoints are dropped")]
+    keypoints = np.asarray(raw, np.float64).reshape(num_keypoints, 3)
+    if not np.isfinite(keypoints).all():
+        return zeros, [("invalid_keypoints", "keypoints that are not finite; its keypoints are dropped")]
+    visibility = keypoints[:, 2]
+    if not np.isin(visibility, (0, 1, 2)).all():
+        bad = sorted(set(visibility[~np.isin(visibility, (0, 1, 2))].tolist()))
+        return zeros, [("invalid_keypoint_visibility", f"visibility {bad} outside {{0, 1, 2}}; its keypoints are "
+                                                       "dropped")]
+    corrections = []
+    labelled = visibility > 0
+    if stated_count is not None and stated_count != int(labelled.sum()):
+        corrections.append(("num_keypoints_mismatch", f"num_keypoints is {stated_count} but {int(labelled.sum())} "
+                                                      "keypoints are labelled; the labelled ones are counted"))
+    positioned = ~labelled & (keypoints[:, :2] != 0).any(axis=1)
+    if positioned.any():
+        corrections.append(("position_without_visibility", f"keypoints {np.flatnonzero(positioned).tolist()} have "
+                                                            "v = 0 but a position; it is zeroed"))
+    x, y = keypoints[:, 0], keypoints[:, 1]
+    outside = labelled & ((x < 0) | (x > width) | (y < 0) | (y > height))
+    if outside.any():
+        corrections.append(("keypoint_outside_image", f"keypoints {np.flatnonzero(outside).tolist()} lie outside "
+                                                       f"the {width}x{height} image; they are dropped"))
+    keypoints[~labelled | outside] = 0.0
+    return keypoints.astype(np.float32), corrections
+
+
+def parse_instance(annotation: Mapping[str, Any], categories: CategoryMap, height: int, width: int,
+                   keypoint_schema: KeypointSchema | None = None) -> Instance:
     """One COCO annotation -> Instance, or InstanceSkipped with one of the reasons
-    'missing_segmentation', 'invalid_segmentation', 'zero_area_mask', 'degenerate_box'."""
+    'missing_segmentation', 'invalid_segmentation', 'zero_area_mask', 'degenerate_box'.
+
+    With a `keypoint_schema` the instance has keypoints [K, 3] (all zero for categories without keypoints)."""
     segmentation = annotation.get("segmentation")
     if not segmentation:
         raise InstanceSkipped("missing_segmentation", "the annotation has no segmentation")
@@ -311,8 +430,14 @@ def parse_instance(annotation: Mapping[str, Any], categories: CategoryMap, heigh
         raise InstanceSkipped("degenerate_box", f"box {bbox} has no area inside the {width}x{height} image")
     area = float(annotation["area"]) if annotation.get("area") else float(mask_area)
     category_id = int(annotation["category_id"])
+    num_keypoints = keypoint_schema.num_keypoints if keypoint_schema else 0
+    keypoints, corrections = np.zeros((num_keypoints, 3), np.float32), []
+    if keypoint_schema and category_id in keypoint_schema.category_ids:
+        keypoints, corrections = parse_keypoints(annotation.get("keypoints"), num_keypoints, height, width,
+                                                 annotation.get("num_keypoints"))
     return Instance(box=box, label=categories.label(category_id), category_id=category_id,
-                    is_crowd=bool(annotation.get("iscrowd", 0)), area=area, mask=mask)
+                    is_crowd=bool(annotation.get("iscrowd", 0)), area=area, mask=mask, keypoints=keypoints,
+                    keypoint_corrections=tuple(corrections))
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
