@@ -95,7 +95,9 @@ def make_shape(class_name: str, radius: float, angle: float) -> tuple[np.ndarray
 # Drawing.
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def textured_background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [H, W, 3] gratings, noise and thin distractor lines, its base colour [3]); also used by
+    stick_figures."""
     base = rng.uniform(40, 215, size=3)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.broadcast_to(base, (height, width, 3)).astype(np.float32).copy()
@@ -118,7 +120,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
     return image, base
 
 
-def _shape_colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
+def distinct_colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
+    """A random RGB colour far from `avoid` (the background's base colour)."""
     for _ in range(50):
         colour = rng.uniform(0, 255, size=3)
         if np.linalg.norm(colour - avoid) > 90:
@@ -148,7 +151,7 @@ def draw_image(rng: np.random.Generator, options: ShapesOptions):
                                                   size=2))
     if options.image_shape is not None:
         height, width = options.image_shape
-    image, background_colour = _background(rng, height, width)
+    image, background_colour = textured_background(rng, height, width)
     frame = np.asarray([[0, 0], [width, 0], [width, height], [0, height]], np.float64)
     count = 0 if rng.uniform() < options.empty_fraction else int(rng.integers(options.objects_per_image[0],
                                                                               options.objects_per_image[1] + 1))
@@ -175,7 +178,7 @@ def draw_image(rng: np.random.Generator, options: ShapesOptions):
 
     for shape in placed:
         ys, xs = np.nonzero(_rasterize([shape.outline], height, width))
-        colour = _shape_colour(rng, background_colour)
+        colour = distinct_colour(rng, background_colour)
         # A shading gradient and a little noise so a shape is not one flat colour.
         theta = rng.uniform(0, 2 * np.pi)
         gradient = ((xs + 0.5) * np.cos(theta) + (ys + 0.5) * np.sin(theta)) / max(height, width)
