@@ -1,6 +1,7 @@
 """Input transforms and pipelines against NumPy references: flip, resize, crop, pad, mask crops, batch contract."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -324,3 +325,214 @@ def test_shard_bounds():
     assert [pipeline.shard_bounds(10, i, 3, drop_remainder=False) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
     with pytest.raises(ValueError):
         pipeline.shard_bounds(10, 3, 3, drop_remainder=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keypoints: the flip swap, the transform against a NumPy reference, and batches from a built dataset.
+
+from maskrcnn_jax.data import keypoints, stick_figures  # noqa: E402
+
+
+def mirrored_name(name):
+    for own, other in (("left_", "right_"), ("right_", "left_")):
+        if name.startswith(own):
+            return other + name[len(own):]
+    return name
+
+
+def reference_keypoints(points, scale_yx, offset_yx, content_size, flip, names):
+    """[n, K, 3] original keypoints -> canvas keypoints by the module doc of transforms, in float32."""
+    points = np.asarray(points, np.float32)
+    sy, sx = np.float32(scale_yx[0]), np.float32(scale_yx[1])
+    x = points[..., 0] * sx - np.float32(offset_yx[1])
+    y = points[..., 1] * sy - np.float32(offset_yx[0])
+    v = points[..., 2]
+    ch, cw = np.float32(content_size[0]), np.float32(content_size[1])
+    kept = (v > 0) & (x >= 0) & (x <= cw) & (y >= 0) & (y <= ch)
+    if flip:
+        x = cw - x
+    out = np.where(kept[..., None], np.stack([x, y, v], axis=-1), 0).astype(np.float32)
+    if flip:
+        out = out[:, [list(names).index(mirrored_name(name)) for name in names]]
+    return out
+
+
+def test_flip_permutation_derives_left_right_pairs_and_takes_explicit_ones():
+    names = ["head", "left_hand", "right_hand", "right_foot", "left_foot"]
+    assert keypoints.flip_permutation(names) == (0, 2, 1, 4, 3)
+    assert keypoints.flip_permutation(["l_eye", "nose", "r_eye"], [("l_eye", "r_eye")]) == (2, 1, 0)
+    with pytest.raises(ValueError, match="'left_knee' has no 'right_knee'"):
+        keypoints.flip_permutation(["left_knee", "right_hand", "left_hand"])
+    with pytest.raises(ValueError, match="'right_knee' has no 'left_knee'"):
+        keypoints.flip_permutation(["right_knee"])
+    with pytest.raises(ValueError, match="'elbow', which is not a keypoint"):
+        keypoints.flip_permutation(names, [("head", "elbow")])
+    with pytest.raises(ValueError, match="more than one flip-map pair"):
+        keypoints.flip_permutation(names, [("left_hand", "right_hand"), ("left_hand", "left_foot")])
+
+
+def test_keypoint_flip_map_option_takes_config_lists():
+    options = InputOptions.from_config({"keypoint_flip_map": [["l_eye", "r_eye"]]})
+    assert options.keypoint_flip_map == (("l_eye", "r_eye"),)
+    with pytest.raises(ValueError, match="pairs"):
+        InputOptions(keypoint_flip_map=(("a", "b", "c"),))
+
+
+def test_transform_keypoints_scale_crop_flip_swap():
+    names = ("head", "left_hand", "right_hand")
+    points = np.asarray([[[2, 3, 2], [5.5, 2.5, 1], [1, 2.4, 2]],     # y = 2.5 lands on the top edge; 2.4 above it
+                         [[8, 12.5, 2], [0, 0, 0], [7.9, 9, 1]],    # x = 8 lands on the window's right edge: kept
+                         [[8.01, 9, 2], [3, 5, 0], [3, 9, 2]]],     # just right of the window; unlabelled
+                        np.float32)
+    scale_yx, offset_yx, content = np.float32([2, 3]), np.int32([5, 0]), np.int32([20, 24])
+    for flip in (False, True):
+        permutation = keypoints.flip_permutation(names)
+        out = transforms.transform_keypoints(tf.constant(points), tf.constant(scale_yx), tf.constant(offset_yx),
+                                             tf.constant(content), tf.constant(flip), permutation).numpy()
+        expected = reference_keypoints(points, scale_yx, offset_yx, content, flip, names)
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+        kept = expected[..., 2] > 0
+        assert kept.tolist() == ([[True, True, False], [True, False, True], [False, False, True]] if not flip else
+                                 [[True, False, True], [True, True, False], [False, True, False]])
+        assert not expected[~kept].any()
+
+
+def _with_keypoints(parsed, rng, boxes, num_keypoints):
+    """Adds keypoints to an `_example`: random points in and around each box, some unlabelled or hidden."""
+    n = len(boxes)
+    x = rng.uniform(boxes[:, None, 0] - 3, boxes[:, None, 2] + 3, (n, num_keypoints))
+    y = rng.uniform(boxes[:, None, 1] - 3, boxes[:, None, 3] + 3, (n, num_keypoints))
+    v = rng.choice([0, 1, 2], (n, num_keypoints), p=[0.2, 0.2, 0.6]).astype(np.float32)
+    points = np.stack([np.where(v > 0, x, 0), np.where(v > 0, y, 0), v], axis=-1).astype(np.float32)
+    objects = dict(parsed["objects"], keypoints=tf.constant(points))
+    return dict(parsed, objects=objects), points
+
+
+def test_train_example_keypoints_match_reference(rng):
+    height, width, n = 41, 57, 4
+    names = ("head", "left_hand", "right_hand", "right_foot", "left_foot")
+    options = InputOptions(canvas_size=(64, 80), scale_jitter=(0.7, 1.6), max_instances=6, mask_size=8)
+    parsed, _, _, boxes, _, _ = _example(rng, height, width, n)
+    parsed, points = _with_keypoints(parsed, rng, boxes, len(names))
+    permutation = keypoints.flip_permutation(names)
+    seen_flips, seen_crops, seen_dropped = set(), False, False
+    for trial in range(64):
+        key = tf.constant(rng.integers(0, 2**31, 2), tf.int64)
+        out = {k: v.numpy() for k, v in transforms.train_example(parsed, key, options, permutation).items()}
+        assert out["gt_keypoints"].shape == (6, 5, 3) and out["gt_keypoints"].dtype == np.float32
+        flip = bool(out["flipped"])
+        expected = reference_keypoints(points, out["image_scale"], out["crop_offset"], out["image_size"], flip, names)
+        valid = out["gt_valid"][:n]
+        expected[~valid] = 0
+        np.testing.assert_allclose(out["gt_keypoints"][:n], expected, rtol=1e-5, atol=1e-4)
+        assert not out["gt_keypoints"][n:].any()  # padding
+        seen_flips.add(flip)
+        seen_crops |= bool(out["crop_offset"].any())
+        seen_dropped |= bool(((points[..., 2] > 0) & (expected[..., 2] == 0) & valid[:, None]).any())
+        if trial >= 8 and len(seen_flips) == 2 and seen_crops and seen_dropped:
+            break
+    assert seen_flips == {False, True} and seen_crops and seen_dropped
+
+
+def test_keypoint_flip_of_a_dataset(tmp_path):
+    class Builder:  # what the pipeline reads of a builder: its metadata
+        def __init__(self, names):
+            self.info = type("Info", (), {"metadata": {"keypoints": {"names": names}}})()
+
+    assert pipeline._keypoint_flip(Builder(["left_a", "right_a", "b"]), InputOptions()) == (1, 0, 2)
+    unpaired = Builder(["left_a", "b"])
+    with pytest.raises(ValueError, match="'left_a' has no 'right_a'"):
+        pipeline._keypoint_flip(unpaired, InputOptions())
+    assert pipeline._keypoint_flip(unpaired, InputOptions(random_flip=False)) == (0, 1)
+    assert pipeline._keypoint_flip(unpaired, InputOptions(keypoint_flip_map=(("left_a", "b"),))) == (1, 0)
+    no_keypoints = Builder(None)
+    no_keypoints.info.metadata = {"keypoints": None}
+    assert pipeline._keypoint_flip(no_keypoints, InputOptions()) is None
+
+
+FIGURE_OPTIONS = InputOptions(canvas_size=(64, 64), scale_jitter=(0.8, 1.5), max_instances=4, mask_size=8,
+                              shuffle_buffer=6)
+
+
+@pytest.fixture(scope="module")
+def figures_builder(tmp_path_factory):
+    """A tiny built stick-figure dataset and its annotations by image id (crowd regions last, as stored)."""
+    root = tmp_path_factory.mktemp("tiny_figures")
+    options = stick_figures.StickFigureOptions(image_size_range=(48, 72), figure_height_range=(24.0, 44.0),
+                                               crowd_figure_height_range=(10.0, 16.0), empty_fraction=0.2,
+                                               crowd_fraction=0.3)
+    paths = stick_figures.generate(str(root / "coco"), num_train=6, num_val=3, seed=4, options=options)
+    builder = builder_lib.build({"name": "tiny_figures", "data_dir": str(root / "tfds"), **paths})
+    annotations = {}
+    for split in ("train", "val"):
+        with open(paths[f"{split}_json"]) as f:
+            coco = json.load(f)
+        by_image = {image["id"]: [] for image in coco["images"]}
+        for a in coco["annotations"]:
+            by_image[a["image_id"]].append(a)
+        annotations[split] = {i: sorted(a, key=lambda a: a["iscrowd"]) for i, a in by_image.items()}
+    return builder, annotations
+
+
+def _expected_boxes_valid(annotations, scale_yx, offset_yx, content_size):
+    boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)],
+                       np.float32).reshape(-1, 4)
+    sy, sx = scale_yx
+    oy, ox = offset_yx
+    ch, cw = content_size
+    boxes = np.clip(boxes * [sx, sy, sx, sy] - [ox, oy, ox, oy], 0, [cw, ch, cw, ch])
+    return (boxes[:, 2] - boxes[:, 0] > 1e-5) & (boxes[:, 3] - boxes[:, 1] > 1e-5)
+
+
+def test_keypoints_survive_build_to_train_batches(figures_builder):
+    builder, annotations = figures_builder
+    names = stick_figures.JOINT_NAMES
+    schema = builder_lib.load_keypoint_schema(builder)
+    assert schema.names == names and schema.oks_sigmas == pytest.approx(stick_figures.OKS_SIGMAS)
+    iterator = pipeline.TrainIterator(builder, FIGURE_OPTIONS, batch_size=2, seed=0)
+    seen_flips, seen_crops, labelled = set(), False, 0
+    for _ in range(9):
+        batch = next(iterator)
+        assert batch["gt_keypoints"].shape == (2, 4, len(names), 3) and batch["gt_keypoints"].dtype == np.float32
+        for b in range(2):
+            objects = annotations["train"][int(batch["image_id"][b])][:4]
+            points = np.asarray([a["keypoints"] for a in objects], np.float32).reshape(-1, len(names), 3)
+            args = (batch["image_scale"][b], batch["crop_offset"][b], batch["image_size"][b])
+            expected = reference_keypoints(points, *args, bool(batch["flipped"][b]), names)
+            valid = _expected_boxes_valid(objects, *args)
+            assert batch["gt_valid"][b, :len(objects)].tolist() == valid.tolist()
+            expected[~valid] = 0
+            np.testing.assert_allclose(batch["gt_keypoints"][b, :len(objects)], expected, rtol=1e-5, atol=1e-4)
+            assert not batch["gt_keypoints"][b, len(objects):].any()
+            labelled += int((expected[..., 2] > 0).sum())
+            seen_flips.add(bool(batch["flipped"][b]))
+            seen_crops |= bool(batch["crop_offset"][b].any())
+    assert seen_flips == {False, True} and seen_crops and labelled > 50
+
+
+def test_keypoints_in_eval_batches(figures_builder):
+    builder, annotations = figures_builder
+    options = InputOptions(canvas_size=(64, 64), max_instances=4, mask_size=8)
+    batches = list(pipeline.eval_batches(builder, options, batch_size=2, with_ground_truth=True))
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch["gt_keypoints"].shape == (2, 4, len(stick_figures.JOINT_NAMES), 3)
+        for b in range(2):
+            if not batch["example_valid"][b]:
+                assert not batch["gt_keypoints"][b].any()
+                continue
+            objects = annotations["val"][int(batch["image_id"][b])][:4]
+            points = np.asarray([a["keypoints"] for a in objects], np.float32).reshape(-1, 13, 3)
+            expected = reference_keypoints(points, batch["image_scale"][b], (0, 0), batch["image_size"][b], False,
+                                           stick_figures.JOINT_NAMES)
+            np.testing.assert_allclose(batch["gt_keypoints"][b, :len(objects)], expected, rtol=1e-5, atol=1e-4)
+    without = next(pipeline.eval_batches(builder, options, batch_size=2))
+    assert not any(key.startswith("gt_") for key in without)
+
+
+def test_a_dataset_without_keypoints_has_no_gt_keypoints(tiny_builder):
+    assert builder_lib.load_keypoint_schema(tiny_builder) is None
+    batch = next(pipeline.TrainIterator(tiny_builder, OPTIONS, batch_size=2, seed=0))
+    assert "gt_keypoints" not in batch
+    eval_batch = next(pipeline.eval_batches(tiny_builder, OPTIONS, batch_size=2, with_ground_truth=True))
+    assert "gt_keypoints" not in eval_batch and "gt_masks" in eval_batch

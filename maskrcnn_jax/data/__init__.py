@@ -2,9 +2,12 @@
 
 The only floor that imports TensorFlow; it never imports JAX. Modules:
   coco_format  reading and validating COCO-format JSON, images and masks (no TensorFlow)
-  builder      the TFDS builder `CocoInstances` and `get_builder` / `build` / `load_category_map`
+  builder      the TFDS builder `CocoInstances` and `get_builder` / `build` / `load_category_map` /
+               `load_keypoint_schema`
   build        the command line: python -m maskrcnn_jax.data.build --name=... --data_dir=... --train_json=...
+  keypoints    a dataset's keypoint schema (names, skeleton, OKS sigmas) and the flip swap of left/right types
   synthetic    the built-in synthetic shapes dataset, written as a COCO-format folder
+  stick_figures  the built-in keypoint dataset (articulated stick figures), written as a COCO keypoints folder
   polygons     exact polygon clipping used by `synthetic` for occlusion
   transforms   per-example decode / resize / crop / flip / pad / mask cropping (`InputOptions`)
   pipeline     `train_dataset`, `TrainIterator`, `eval_dataset`, `eval_batches` and the batch contract

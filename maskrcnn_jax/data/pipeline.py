@@ -1,7 +1,8 @@
 """tf.data input pipelines that turn a built COCO-format TFDS dataset into fixed-shape NumPy batches.
 
 Batch contract (B = per-process batch size, G = options.max_instances, M = options.mask_size,
-(Hc, Wc) = options.canvas_size). Every batch of a pipeline has exactly these shapes and dtypes.
+(Hc, Wc) = options.canvas_size, K = the dataset's keypoint count, `load_keypoint_schema(builder).num_keypoints`).
+Every batch of a pipeline has exactly these shapes and dtypes.
 
 Training (`train_dataset`, `TrainIterator`):
   image          float32 [B, Hc, Wc, 3]  RGB, (pixel - pixel_mean) / pixel_std; the image occupies the top-left
@@ -15,6 +16,12 @@ Training (`train_dataset`, `TrainIterator`):
                                          its canvas box: cell (i, j) samples the mask bilinearly at
                                          x = x1 + (j + 0.5) (x2 - x1) / M, y = y1 + (i + 0.5) (y2 - y1) / M;
                                          zeros where invalid
+  gt_keypoints   float32 [B, G, K, 3]    only for datasets with keypoints: (x, y, v) in canvas pixels, transformed
+                                         like the boxes (v: 1 labelled but hidden, 2 visible, as in the JSON);
+                                         (0, 0, 0) for unlabelled keypoints, keypoints outside the image window,
+                                         invalid instances and padding. A flipped example's keypoint types are
+                                         swapped (left_X <-> right_X) through options.keypoint_flip_map, or the
+                                         pairs derived from the names when that is empty
   image_id       int64   [B]             the annotation JSON's image id
   original_size  int32   [B, 2]          (height, width) of the upright original image
   image_scale    float32 [B, 2]          (sy, sx): canvas = original * scale - crop_offset, then mirrored when flipped
@@ -25,7 +32,8 @@ Training (`train_dataset`, `TrainIterator`):
 Evaluation (`eval_dataset`, `eval_batches`): image, image_id, original_size, image_scale, image_size as above
 (no jitter, crop or flip, so original = canvas / image_scale), plus
   example_valid  bool    [B]             False for the padding examples that fill the last batch (image_id -1)
-and, with `with_ground_truth=True`, the five gt_* fields. Every process gets the same number of batches.
+and, with `with_ground_truth=True`, the five gt_* fields (six with keypoints). Every process gets the same number
+of batches.
 
 Randomness: the shuffle order of epoch e is seeded by (seed, shard, e); the jitter/crop/flip of the example
 at stream position p by (seed, shard, p), with stateless ops. So a stream is a pure function of
@@ -45,7 +53,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from maskrcnn_jax.data import transforms
+from maskrcnn_jax.data import keypoints, transforms
+from maskrcnn_jax.data.builder import load_keypoint_schema
 from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
 from maskrcnn_jax.data.transforms import InputOptions
 
@@ -84,6 +93,22 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> int:
     return builder.info.splits[split].num_examples
 
 
+def _num_keypoints(builder: tfds.core.DatasetBuilder) -> int:
+    schema = load_keypoint_schema(builder)
+    return schema.num_keypoints if schema else 0
+
+
+def _keypoint_flip(builder: tfds.core.DatasetBuilder, options: InputOptions) -> tuple[int, ...] | None:
+    """The flip permutation of the dataset's keypoints (identity without random flips), or None without keypoints.
+    Raises ValueError for a flip map that does not fit the dataset's keypoint names."""
+    schema = load_keypoint_schema(builder)
+    if schema is None:
+        return None
+    if not options.random_flip:
+        return tuple(range(schema.num_keypoints))
+    return keypoints.flip_permutation(schema.names, options.keypoint_flip_map)
+
+
 def train_dataset(builder: tfds.core.DatasetBuilder, options: InputOptions, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, start_batch: int = 0,
                   split: str = "train") -> tf.data.Dataset:
@@ -98,6 +123,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, options: InputOptions, *, b
     epoch_length = end - start
     if epoch_length == 0:
         raise ValueError(f"split '{split}' has fewer examples than the {shard_count} processes reading it")
+    keypoint_flip = _keypoint_flip(builder, options)
     examples = _read(builder, split, start, end)
     shard_seed = tf.constant([seed, shard_index], tf.int64)
 
@@ -114,14 +140,14 @@ def train_dataset(builder: tfds.core.DatasetBuilder, options: InputOptions, *, b
 
     def augment(position, example):
         key = tf.random.experimental.stateless_fold_in(shard_seed, position)
-        return transforms.train_example(example, key, options)
+        return transforms.train_example(example, key, options, keypoint_flip)
 
     stream = stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=options.deterministic)
     stream = stream.batch(batch_size, drop_remainder=True)
     return stream.prefetch(tf.data.AUTOTUNE).with_options(_options(options.deterministic))
 
 
-def _padding_example(options: InputOptions, with_ground_truth: bool) -> dict[str, tf.Tensor]:
+def _padding_example(options: InputOptions, with_ground_truth: bool, num_keypoints: int) -> dict[str, tf.Tensor]:
     canvas_h, canvas_w = options.canvas_size
     g, m = options.max_instances, options.mask_size
     features = {
@@ -138,6 +164,8 @@ def _padding_example(options: InputOptions, with_ground_truth: bool) -> dict[str
             "gt_is_crowd": tf.zeros([g], tf.bool), "gt_valid": tf.zeros([g], tf.bool),
             "gt_masks": tf.zeros([g, m, m], tf.as_dtype(options.mask_dtype)),
         })
+        if num_keypoints:
+            features["gt_keypoints"] = tf.zeros([g, num_keypoints, 3], tf.float32)
     return features
 
 
@@ -154,11 +182,12 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, options: InputOptions, *, ba
     start, end = shard_bounds(num_examples, shard_index, shard_count, drop_remainder=False)
     num_batches = math.ceil(math.ceil(num_examples / shard_count) / batch_size)
     padding = num_batches * batch_size - (end - start)
+    num_keypoints = _num_keypoints(builder)
     stream = _read(builder, split, start, end).map(
-        lambda example: transforms.eval_example(example, options, with_ground_truth),
+        lambda example: transforms.eval_example(example, options, with_ground_truth, num_keypoints),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     stream = stream.concatenate(
-        tf.data.Dataset.from_tensors(_padding_example(options, with_ground_truth)).repeat(padding))
+        tf.data.Dataset.from_tensors(_padding_example(options, with_ground_truth, num_keypoints)).repeat(padding))
     stream = stream.batch(batch_size, drop_remainder=True)
     return stream.prefetch(tf.data.AUTOTUNE).with_options(_options(True)), num_batches
 

@@ -12,12 +12,15 @@ The geometric transform of one example, from the upright original image (h, w) t
                normalisation (i.e. the mean colour).
 
 Boxes follow 1-3 exactly, are clipped to the window, and a box left with no area becomes invalid.
+Keypoints follow 1-3 exactly too; one that lands outside the window ([0, w] x [0, h], edges included) becomes
+(0, 0, 0), as do unlabelled ones (v = 0) and all those of an invalid instance. A flip also swaps mirrored
+keypoint types (left_wrist <-> right_wrist) through the dataset's flip permutation (keypoints.flip_permutation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -53,8 +56,16 @@ class InputOptions:
     mask_dtype: str = "float32"  # "float32": bilinear values in [0, 1]; "uint8": binarised at 0.5
     shuffle_buffer: int = 1024
     deterministic: bool = True  # order and content are a function of the seed (needed for exact resume)
+    # (name, mirrored name) pairs of keypoint types that a horizontal flip swaps; empty: derived from the
+    # dataset's names, left_X <-> right_X (see keypoints.flip_permutation).
+    keypoint_flip_map: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
+        # A config gives lists; a frozen dataclass wants tuples (hashable, comparable).
+        object.__setattr__(self, "keypoint_flip_map", tuple(tuple(pair) for pair in self.keypoint_flip_map))
+        for pair in self.keypoint_flip_map:
+            if len(pair) != 2 or not all(isinstance(name, str) for name in pair):
+                raise ValueError(f"keypoint_flip_map entries must be (name, mirrored name) pairs, got {pair!r}")
         if self.mask_dtype not in ("float32", "uint8"):
             raise ValueError(f"mask_dtype must be 'float32' or 'uint8', got {self.mask_dtype!r}")
         if self.size_rounding not in SIZE_ROUNDINGS:
@@ -122,6 +133,26 @@ def transform_boxes(boxes: tf.Tensor, scale_yx: tf.Tensor, offset_yx: tf.Tensor,
     valid = tf.logical_and(x2 - x1 > MIN_BOX_SIDE, y2 - y1 > MIN_BOX_SIDE)
     x1, x2 = tf.where(flip, cw - x2, x1), tf.where(flip, cw - x1, x2)
     return tf.stack([x1, y1, x2, y2], axis=-1), valid
+
+
+def transform_keypoints(keypoints: tf.Tensor, scale_yx: tf.Tensor, offset_yx: tf.Tensor, content_size: tf.Tensor,
+                        flip: tf.Tensor, flip_permutation: Sequence[int]) -> tf.Tensor:
+    """Original (x, y, v) keypoints [n, K, 3] -> canvas keypoints [n, K, 3] by steps 1-3 of the module doc.
+
+    Keypoints that are unlabelled or land outside the window become (0, 0, 0). When `flip` is true, type i of
+    the result is type `flip_permutation[i]` of the input, mirrored.
+    """
+    keypoints = tf.cast(keypoints, tf.float32)
+    sy, sx = tf.cast(scale_yx[0], tf.float32), tf.cast(scale_yx[1], tf.float32)
+    oy, ox = tf.cast(offset_yx[0], tf.float32), tf.cast(offset_yx[1], tf.float32)
+    ch, cw = tf.cast(content_size[0], tf.float32), tf.cast(content_size[1], tf.float32)
+    x = keypoints[..., 0] * sx - ox
+    y = keypoints[..., 1] * sy - oy
+    v = keypoints[..., 2]
+    kept = (v > 0) & (x >= 0) & (x <= cw) & (y >= 0) & (y <= ch)
+    x = tf.where(flip, cw - x, x)
+    canvas = tf.where(kept[..., None], tf.stack([x, y, v], axis=-1), 0.0)
+    return tf.cond(flip, lambda: tf.gather(canvas, list(flip_permutation), axis=1), lambda: canvas)
 
 
 def crop_masks_to_boxes(masks: tf.Tensor, boxes: tf.Tensor, mask_size: int) -> tf.Tensor:
@@ -196,8 +227,9 @@ def _image_to_canvas(image: tf.Tensor, size: tf.Tensor, offset_yx: tf.Tensor, co
 
 def _ground_truth(objects: Mapping[str, tf.Tensor], original_hw: tf.Tensor, scale_yx: tf.Tensor,
                   offset_yx: tf.Tensor, content_size: tf.Tensor, flip: tf.Tensor,
-                  options: InputOptions) -> dict[str, tf.Tensor]:
-    """Canvas boxes, classes, crowd flags, validity and box-cropped masks, padded to max_instances."""
+                  options: InputOptions, keypoint_flip: Sequence[int] | None) -> dict[str, tf.Tensor]:
+    """Canvas boxes, classes, crowd flags, validity, box-cropped masks and (with `keypoint_flip`, the dataset's
+    flip permutation, whose length is K) keypoints, padded to max_instances."""
     count = tf.minimum(tf.shape(objects["label"])[0], options.max_instances)
     boxes = objects["box"][:count]
     canvas_boxes, valid = transform_boxes(boxes, scale_yx, offset_yx, content_size, flip)
@@ -222,13 +254,21 @@ def _ground_truth(objects: Mapping[str, tf.Tensor], original_hw: tf.Tensor, scal
     if options.mask_dtype == "uint8":
         crops = tf.cast(crops >= 0.5, tf.uint8)
 
-    return {
+    features = {
         "gt_boxes": _pad_to(tf.where(valid[:, None], canvas_boxes, 0.0), options.max_instances),
         "gt_classes": _pad_to(tf.where(valid, tf.cast(objects["label"][:count], tf.int32), 0), options.max_instances),
         "gt_is_crowd": _pad_to(tf.logical_and(valid, objects["is_crowd"][:count]), options.max_instances),
         "gt_valid": _pad_to(valid, options.max_instances),
         "gt_masks": _pad_to(crops, options.max_instances),
     }
+    if keypoint_flip is not None:
+        num_keypoints = len(keypoint_flip)
+        # Stored per object with its own shape; [n, K, 3] once stacked (a flat [0] when n = 0).
+        keypoints = tf.reshape(objects["keypoints"], [tf.shape(objects["label"])[0], num_keypoints, 3])[:count]
+        keypoints = transform_keypoints(keypoints, scale_yx, offset_yx, content_size, flip, keypoint_flip)
+        keypoints = tf.where(valid[:, None, None], keypoints, 0.0)
+        features["gt_keypoints"] = _pad_to(keypoints, options.max_instances)
+    return features
 
 
 def _random_geometry(original_hw: tf.Tensor, key: tf.Tensor, options: InputOptions):
@@ -261,10 +301,13 @@ def _image_features(example, image, original_hw, scale_yx, size, offset, content
     }
 
 
-def train_example(example: Mapping[str, Any], key: tf.Tensor, options: InputOptions) -> dict[str, tf.Tensor]:
+def train_example(example: Mapping[str, Any], key: tf.Tensor, options: InputOptions,
+                  keypoint_flip: Sequence[int] | None = None) -> dict[str, tf.Tensor]:
     """A parsed dataset example (image and masks still encoded) -> fixed-shape training features.
 
     `key` is a stateless-RNG seed (int32/int64 [2]) that alone decides this example's jitter, crop and flip.
+    `keypoint_flip` is the dataset's keypoint flip permutation (keypoints.flip_permutation; its length is K),
+    or None for a dataset without keypoints (then there is no gt_keypoints).
     """
     image = decode_image(example["image"])
     original_hw = tf.shape(image)[:2]
@@ -272,12 +315,15 @@ def train_example(example: Mapping[str, Any], key: tf.Tensor, options: InputOpti
     scale_yx = tf.cast(size, tf.float32) / tf.cast(original_hw, tf.float32)
     features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options)
     features.update(crop_offset=tf.cast(offset, tf.float32), flipped=flip)
-    features.update(_ground_truth(example["objects"], original_hw, scale_yx, offset, content_size, flip, options))
+    features.update(_ground_truth(example["objects"], original_hw, scale_yx, offset, content_size, flip, options,
+                                  keypoint_flip))
     return features
 
 
-def eval_example(example: Mapping[str, Any], options: InputOptions, with_ground_truth: bool) -> dict[str, tf.Tensor]:
-    """A parsed dataset example -> fixed-shape evaluation features: no jitter, no crop, no flip."""
+def eval_example(example: Mapping[str, Any], options: InputOptions, with_ground_truth: bool,
+                 num_keypoints: int = 0) -> dict[str, tf.Tensor]:
+    """A parsed dataset example -> fixed-shape evaluation features: no jitter, no crop, no flip.
+    With ground truth and `num_keypoints` K > 0 the features include gt_keypoints."""
     image = decode_image(example["image"])
     original_hw = tf.shape(image)[:2]
     size = scaled_size(original_hw[0], original_hw[1], resize_scale(original_hw[0], original_hw[1], options),
@@ -291,5 +337,7 @@ def eval_example(example: Mapping[str, Any], options: InputOptions, with_ground_
     features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options)
     features["example_valid"] = tf.constant(True)
     if with_ground_truth:
-        features.update(_ground_truth(example["objects"], original_hw, scale_yx, offset, content_size, flip, options))
+        keypoint_flip = tuple(range(num_keypoints)) if num_keypoints else None  # never applied: no flip
+        features.update(_ground_truth(example["objects"], original_hw, scale_yx, offset, content_size, flip, options,
+                                      keypoint_flip))
     return features
