@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     data.mask_dtype = "float32"
     data.shuffle_buffer = 1024
     data.deterministic = True
+    # Keypoint types a horizontal flip swaps, as (name, mirrored name) pairs, e.g. (("l_eye", "r_eye"),);
+    # empty: left_X <-> right_X derived from the dataset's keypoint names (data.keypoints.flip_permutation).
+    data.keypoint_flip_map = ()
     data.seed = 0  # tf.data shuffling and augmentation
 
     train = config.train = ml_collections.ConfigDict()
