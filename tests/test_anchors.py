@@ -5,20 +5,29 @@ from maskrcnn_jax import ops
 from maskrcnn_jax.ops.anchors import feature_map_size
 
 
+def closed_form_anchors(image_size, stride, size, aspect_ratios):
+    """torchvision's anchors in closed form: a cell's anchor of ratio r = h / w is centred on the cell's corner
+    (j * stride, i * stride) and has half-extents round(size / sqrt(r) / 2) and round(size * sqrt(r) / 2)."""
+    h, w = feature_map_size(image_size, stride)
+    ratios = np.asarray(aspect_ratios, np.float64)
+    half = np.stack([np.round(size / np.sqrt(ratios) / 2), np.round(size * np.sqrt(ratios) / 2)], axis=1)  # [A, 2]
+    ys, xs = np.mgrid[0:h, 0:w] * stride
+    centres = np.stack([xs, ys], axis=-1)[:, :, None, :]  # [h, w, 1, 2]
+    return np.concatenate([centres - half, centres + half], axis=-1).reshape(-1, 4)
+
+
 def test_anchor_counts_and_layout():
     levels = ops.generate_anchors((128, 192))
-    for anchors, stride in zip(levels, (4, 8, 16, 32, 64)):
+    for anchors, stride, size in zip(levels, (4, 8, 16, 32, 64), (32, 64, 128, 256, 512)):
         h, w = feature_map_size((128, 192), stride)
         assert anchors.shape == (h * w * 3, 4)
+        np.testing.assert_array_equal(np.asarray(anchors), closed_form_anchors((128, 192), stride, size,
+                                                                              (0.5, 1.0, 2.0)))
     p2 = np.asarray(levels[0]).reshape(32, 48, 3, 4)
-    centres = (p2[..., :2] + p2[..., 2:]) / 2
     # Location-major: anchors of one cell share a centre on the stride grid, x varying fastest.
-    np.testing.assert_allclose(centres[2, 5, :, 0], 5 * 4)
-    np.testing.assert_allclose(centres[2, 5, :, 1], 2 * 4)
-    sizes = np.sqrt((p2[0, 0, :, 2] - p2[0, 0, :, 0]) * (p2[0, 0, :, 3] - p2[0, 0, :, 1]))
-    np.testing.assert_allclose(sizes, 32, rtol=0.05)
-    ratios = (p2[0, 0, :, 3] - p2[0, 0, :, 1]) / (p2[0, 0, :, 2] - p2[0, 0, :, 0])
-    np.testing.assert_allclose(ratios, [0.5, 1.0, 2.0], rtol=0.06)
+    np.testing.assert_array_equal((p2[2, 5, :, :2] + p2[2, 5, :, 2:]) / 2, [[20, 8]] * 3)
+    # Size 32 at ratios h / w = 0.5, 1, 2: 45.25 x 22.6, 32 x 32, 22.6 x 45.25, each half-extent rounded.
+    np.testing.assert_array_equal(p2[0, 0], [[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]])
 
 
 @pytest.mark.parametrize("image_size", [(800, 1344), (96, 160), (100, 130)])

@@ -2,7 +2,6 @@ import jax
 import numpy as np
 import pytest
 
-from maskrcnn_jax.ops.boxes import box_iou
 from maskrcnn_jax.ops.matching import match_boxes, match_quality_matrix
 
 
@@ -28,17 +27,30 @@ def _detectron2_matcher(quality, low, high, allow_low_quality_matches):
     return matches, labels
 
 
+def _intersections(boxes1, boxes2):
+    """[N, M] intersection areas of float64 boxes."""
+    iw = np.minimum(boxes1[:, None, 2], boxes2[None, :, 2]) - np.maximum(boxes1[:, None, 0], boxes2[None, :, 0])
+    ih = np.minimum(boxes1[:, None, 3], boxes2[None, :, 3]) - np.maximum(boxes1[:, None, 1], boxes2[None, :, 1])
+    return np.clip(iw, 0, None) * np.clip(ih, 0, None)
+
+
+def _numpy_iou(boxes1, boxes2):
+    """IoU in float64 from the definition, independent of ops.box_iou."""
+    boxes1, boxes2 = boxes1.astype(np.float64), boxes2.astype(np.float64)
+    inter = _intersections(boxes1, boxes2)
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area(boxes1)[:, None] + area(boxes2)[None, :] - inter)
+
+
 def _reference_match_boxes(gt_boxes, gt_valid, gt_is_crowd, candidates, low, high, allow_low, crowd_thresh):
-    iou = np.asarray(box_iou(gt_boxes, candidates))  # the same float32 IoU matrix the op sees
+    iou = _numpy_iou(gt_boxes, candidates)
     usable = gt_valid & ~gt_is_crowd
     matches, labels = _detectron2_matcher(iou[usable], low, high, allow_low)
     matches = np.flatnonzero(usable)[matches] if usable.any() else matches
     crowd = gt_boxes[gt_valid & gt_is_crowd].astype(np.float64)
     if len(crowd):
         c = candidates.astype(np.float64)
-        iw = np.minimum(c[:, None, 2], crowd[None, :, 2]) - np.maximum(c[:, None, 0], crowd[None, :, 0])
-        ih = np.minimum(c[:, None, 3], crowd[None, :, 3]) - np.maximum(c[:, None, 1], crowd[None, :, 1])
-        inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+        inter = _intersections(c, crowd)
         area = ((c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]))[:, None]
         ioa = np.where(area > 0, inter / np.where(area > 0, area, 1), 0)
         labels[(ioa >= crowd_thresh).any(axis=1) & (labels != 1)] = -1
@@ -154,7 +166,7 @@ def test_matches_torchvision_matcher(rng):
     from torchvision.models.detection._utils import Matcher
 
     gt, _, _, candidates = _scene(rng)
-    iou = np.asarray(box_iou(gt, candidates))
+    iou = _numpy_iou(gt, candidates).astype(np.float32)
     matched, labels = match_quality_matrix(iou, np.ones(len(gt), bool), 0.3, 0.7, True)
     # torchvision encodes labels in the match index: -1 below low, -2 between, else the GT index.
     tv = Matcher(0.7, 0.3, allow_low_quality_matches=True)(torch.tensor(iou)).numpy()
