@@ -25,11 +25,12 @@ def _grid_cell(coordinate, start, end, heatmap_size):
     """Cell index along one axis (float, floored) and whether it lies on the grid.
 
     torchvision's arithmetic in its order: scale = m / (end - start), which torch evaluates as
-    (1 / (end - start)) * m (Tensor.__rtruediv__, two roundings), then floor((c - start) * scale); a coordinate
-    exactly equal to `end` goes to the last cell. The same roundings matter: a keypoint on a cell boundary, say
-    midway across the RoI, falls on either side by them. For a zero-length RoI torchvision divides by zero and gets NaN or
-    +-inf, which no cell accepts except through that `end` rule; we reach the same verdict without computing an
-    infinity (a masked infinity would still poison gradients elsewhere in the graph).
+    (1 / (end - start)) * m (Tensor.__rtruediv__: two roundings), then floor((c - start) * scale); a coordinate
+    exactly equal to `end` goes to the last cell. The roundings matter: they decide the side of a keypoint on a
+    cell boundary, e.g. midway across the RoI. (A backend without IEEE division, such as the TPU's, may decide such
+    ties differently.) For a zero-length RoI torchvision divides by zero and gets NaN or +-inf, which no cell
+    accepts except through that `end` rule; we reach the same verdicts without computing an infinity (DESIGN.md: no
+    target, masked or not, may be infinite or NaN).
     """
     length = end - start
     has_length = length != 0
@@ -55,9 +56,9 @@ def keypoint_targets(keypoints, rois, heatmap_size):
       valid: [..., K] bool: visibility > 0 and the keypoint on the RoI's grid.
 
     The rule is torchvision's keypoints_to_heatmap, which detectron2's keypoints_to_heatmap (structures/keypoints.py)
-    repeats line for line: x_cell = floor((x - x1) * (m / (x2 - x1))), in float32 and in that order, and likewise for
-    y; a keypoint exactly on the right (bottom) edge x == x2 goes to cell m - 1; a keypoint is valid where both cells
-    lie in [0, m) and visibility > 0 (COCO's 1, labelled but occluded, counts). So the RoI covers the closed
+    repeats line for line: x_cell = floor((x - x1) * ((1 / (x2 - x1)) * m)), in float32 and in that order, likewise
+    for y; a keypoint exactly on the right (bottom) edge x == x2 goes to cell m - 1; a keypoint is valid where both
+    cells lie in [0, m) and visibility > 0 (COCO's 1, labelled but occluded, counts). So the RoI covers the closed
     interval [x1, x2]. A RoI of zero width or height accepts only keypoints exactly on its edge (x == x1 == x2), as
     torchvision does through its edge rule. No value computed here is infinite or NaN, for any RoI.
     """

@@ -109,12 +109,12 @@ def heatmaps_to_keypoints(heatmaps, boxes, rule: str = "torchvision") -> np.ndar
     if not np.isfinite(boxes).all():
         raise ValueError("boxes must be finite")
     num_keypoints = heatmaps.shape[-1]
-    maps = np.moveaxis(heatmaps, -1, 1).astype(np.float64)  # [D, K, m, m]
     # float32 box arithmetic in the peers' order, so that coordinates agree with theirs to the last bit.
     widths = np.maximum(boxes[:, 2] - boxes[:, 0], np.float32(1))
     heights = np.maximum(boxes[:, 3] - boxes[:, 1], np.float32(1))
     keypoints = np.zeros((boxes.shape[0], num_keypoints, 3), np.float32)
     for d, box in enumerate(boxes):
+        maps = np.moveaxis(heatmaps[d], -1, 0).astype(np.float64)  # [K, m, m]
         out_height, out_width = int(np.ceil(heights[d])), int(np.ceil(widths[d]))
         rows = bicubic_resize_matrix(maps.shape[-2], out_height)
         columns = bicubic_resize_matrix(maps.shape[-1], out_width).T
@@ -122,7 +122,7 @@ def heatmaps_to_keypoints(heatmaps, boxes, rule: str = "torchvision") -> np.ndar
         positions = np.zeros(num_keypoints, np.int64)
         peaks = np.zeros(num_keypoints)
         for start in range(0, num_keypoints, chunk):
-            resized = (rows @ maps[d, start:start + chunk] @ columns).reshape(-1, out_height * out_width)
+            resized = (rows @ maps[start:start + chunk] @ columns).reshape(-1, out_height * out_width)
             positions[start:start + chunk] = resized.argmax(axis=1)
             peaks[start:start + chunk] = resized.max(axis=1)
         y_int, x_int = np.divmod(positions, out_width)
@@ -133,5 +133,5 @@ def heatmaps_to_keypoints(heatmaps, boxes, rule: str = "torchvision") -> np.ndar
         if rule == "torchvision":
             keypoints[d, :, 2] = peaks
         else:
-            keypoints[d, :, 2] = 1.0 / np.exp(maps[d] - peaks[:, None, None]).sum(axis=(1, 2))
+            keypoints[d, :, 2] = 1.0 / np.exp(maps - peaks[:, None, None]).sum(axis=(1, 2))
     return keypoints
