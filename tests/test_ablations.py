@@ -76,6 +76,67 @@ def test_effects_compare_baseline_minus_variant_with_the_paper():
     assert "delta" not in effects["softmax_mask"]
 
 
+def _write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_report_agrees_with_the_eval_metrics_it_read(tmp_path, capsys):
+    """--report_only over fabricated runs (no training): results.json, the summary, the effects and the Markdown
+    tables are the final-step lines of each run's eval_metrics.jsonl, their means and sample deviations, and the
+    differences of those means; an unfinished run is reported missing and left out."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    variants, seeds, num_steps = ("baseline", "roi_pool", "mlp_head"), (0, 1, 2), 5
+    runs_dir, out = tmp_path / "runs", tmp_path / "report" / "RESULTS.md"
+    final = {}
+    for variant in variants:
+        for seed in seeds:
+            metrics = {k: round(float(v), 4) for k, v in zip(ablations.METRICS, rng.uniform(0.05, 0.6, 4))}
+            earlier = {k: round(float(v), 4) for k, v in zip(ablations.METRICS, rng.uniform(0.0, 0.05, 4))}
+            finished = (variant, seed) != ("mlp_head", 2)
+            records = [{"step": 3, **earlier}] + ([{"step": num_steps, **metrics}] if finished else [])
+            _write_jsonl(runs_dir / variant / f"seed{seed}" / "eval_metrics.jsonl", records)
+            (runs_dir / variant / f"seed{seed}" / ablations.RUN_RECORD).write_text(
+                json.dumps({"config": "configs/test.py", "overrides": {}, "seconds": [60.0 * (seed + 1)]}))
+            if finished:
+                final[variant, seed] = metrics
+    argv = ["--config=configs/test.py", f"--num_steps={num_steps}", "--seeds=0,1,2",
+            f"--variants={','.join(variants)}", f"--runs_dir={runs_dir}", f"--out={out}", "--report_only"]
+    results = ablations.main(argv)
+    printed = capsys.readouterr().out
+    assert "missing mlp_head seed 2" in printed and "skip baseline seed 0: finished" in printed
+    assert "run " not in printed  # --report_only starts nothing
+
+    assert json.loads((out.parent / "results.json").read_text()) == json.loads(json.dumps(results))
+    for run in results["runs"]:
+        assert run["metrics"] == final.get((run["variant"], run["seed"]))
+        assert run["minutes"] == run["seed"] + 1
+    report = out.read_text()
+    means = {}
+    for variant in variants:
+        finished = [s for s in seeds if (variant, s) in final]
+        entry = results["summary"][variant]
+        assert entry["n"] == len(finished) and entry["seeds"] == finished
+        cells = []
+        for key in ablations.METRICS:
+            values = 100.0 * np.array([final[variant, s][key] for s in finished])
+            assert entry[key]["mean"] == pytest.approx(values.mean(), abs=1e-9)
+            assert entry[key]["std"] == pytest.approx(values.std(ddof=1), abs=1e-9)
+            cells.append(f"{values.mean():.1f} ± {values.std(ddof=1):.1f}")
+        means[variant] = 100.0 * np.array([final[variant, s]["segm_AP"] for s in finished])
+        assert f"| {variant} | " in report and " | ".join(cells) in report
+    for variant in ("roi_pool", "mlp_head"):
+        effect = results["effects"][variant]
+        base, other = means["baseline"], means[variant]
+        assert effect["delta"] == pytest.approx(base.mean() - other.mean(), abs=1e-9)
+        se = np.sqrt(base.var(ddof=1) / len(base) + other.var(ddof=1) / len(other))
+        assert effect["delta_se"] == pytest.approx(se, abs=1e-9)
+        assert f"| {variant} | " in report and f"{effect['delta']:+.1f} ± {se:.1f} |" in report
+    assert "mlp_head seed 2" in report.split("Missing runs")[1].splitlines()[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """Runs the runner once on the tiny budget; returns (argv, output folder, runs folder, its stdout)."""
@@ -97,9 +158,13 @@ def test_the_runner_trains_every_variant_and_writes_the_report(tiny_study):
     assert saved == json.loads(json.dumps(results))
     assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [(v, 0) for v in TINY_VARIANTS]
     for run in saved["runs"]:
-        assert 0.0 <= run["metrics"]["segm_AP"] <= 1.0
         lines = (runs_dir / run["variant"] / "seed0" / "eval_metrics.jsonl").read_text().splitlines()
-        assert json.loads(lines[-1])["step"] == 3
+        last = json.loads(lines[-1])
+        assert last["step"] == 3
+        # The results are the run's own final evaluation, and the summary of one seed is that evaluation.
+        assert run["metrics"] == {k: v for k, v in last.items() if k != "step"}
+        for key in ablations.METRICS:
+            assert saved["summary"][run["variant"]][key]["mean"] == pytest.approx(100.0 * last[key])
         assert len(list((report_dir / run["overlays"]).glob("*.png"))) == 2
         config = json.loads((runs_dir / run["variant"] / "seed0" / "config.json").read_text())
         assert config["train"]["seed"] == config["data"]["seed"] == 0
