@@ -413,7 +413,12 @@ def test_train_example_keypoints_match_reference(rng):
     names = ("head", "left_hand", "right_hand", "right_foot", "left_foot")
     options = InputOptions(canvas_size=(64, 80), scale_jitter=(0.7, 1.6), max_instances=6, mask_size=8)
     parsed, _, _, boxes, _, _ = _example(rng, height, width, n)
+    # Instance 2 has no box (so it is never valid) but labelled keypoints all over the image, which must go.
+    boxes[2] = [0, 0, width, height]
     parsed, points = _with_keypoints(parsed, rng, boxes, len(names))
+    boxes[2] = [10, 10, 10, 20]
+    points[2, :, 2] = 2
+    parsed["objects"].update(box=tf.constant(boxes), keypoints=tf.constant(points))
     permutation = keypoints.flip_permutation(names)
     seen_flips, seen_crops, seen_dropped = set(), False, False
     for trial in range(64):
@@ -423,6 +428,7 @@ def test_train_example_keypoints_match_reference(rng):
         flip = bool(out["flipped"])
         expected = reference_keypoints(points, out["image_scale"], out["crop_offset"], out["image_size"], flip, names)
         valid = out["gt_valid"][:n]
+        assert not valid[2]
         expected[~valid] = 0
         np.testing.assert_allclose(out["gt_keypoints"][:n], expected, rtol=1e-5, atol=1e-4)
         assert not out["gt_keypoints"][n:].any()  # padding
