@@ -28,7 +28,9 @@ the exact relation:
     RoIs on which both target rules give the same binary targets, and runs torchvision unmodified;
     test_mask_loss_on_shared_targets uses arbitrary masks and RoIs and hands torchvision our targets.
 
-Measured (float32 on both sides): see the `print` of each test, run with -s.
+Measured (float32 on both sides, these seeds; each test prints its errors under -s), largest relative error over
+beta 0 and 1/9: loss_objectness 1.5e-7, loss_rpn_box_reg 8.7e-8 (after the factor 3 * 96 / 269), loss_classifier
+2.7e-7, loss_box_reg 1.8e-7, loss_mask 0 (bit-identical, on both mask tests).
 """
 
 import numpy as np

@@ -463,6 +463,10 @@ def test_mask_loss_as_the_model_assembles_it(rng):
     # Jitted: one compile each is cheaper than running the RoIAlign and the head op by op.
     variables = jax.jit(lambda *o: model.init(jax.random.key(0), prefix, *o,
                                               method=MaskRCNN._mask_loss_on_prefix))(*operands)
+    # Logits of order 1: at its initialisation (normal(0.001) predictor) every logit is ~0, and the loss ~log 2 would
+    # hardly depend on the targets.
+    variables = jax.tree.map(lambda p: rng.normal(0, 1.5 / np.sqrt(p.shape[0]), p.shape).astype(np.float32),
+                             variables)
     loss, state = jax.jit(lambda v, *o: model.apply(v, prefix, *o, method=MaskRCNN._mask_loss_on_prefix,
                                                     capture_intermediates=True, mutable=["intermediates"]))(
         variables, *operands)
@@ -478,6 +482,7 @@ def test_mask_loss_as_the_model_assembles_it(rng):
         total += np_bce(logits[b, r, :, :, classes[b, g]], target).sum()
         count += 1
     assert count >= 4 and s["positive"][:, prefix:].sum() == 0
+    assert 0.5 < np.abs(logits).mean() < 5
     np.testing.assert_allclose(float(loss), total / (count * 28 * 28), rtol=RTOL)
     bucketed = jax.jit(lambda v, *o: model.apply(v, *o, method=MaskRCNN._mask_loss))(variables, *operands)
     np.testing.assert_allclose(float(bucketed), float(loss), rtol=RTOL)
