@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from maskrcnn_jax.data import builder as builder_lib  # noqa: E402
+from maskrcnn_jax.data import coco_dataset  # noqa: E402
 from maskrcnn_jax.data import coco_format  # noqa: E402
 
 CATEGORIES = [{"id": 12, "name": "kite"}, {"id": 3, "name": "car"}, {"id": 7, "name": "dog"}]  # unsorted, gaps
@@ -164,7 +164,7 @@ def built(tmp_path_factory):
     json_path = w.write()
     data_config = {"name": "cases", "data_dir": os.path.join(root, "tfds"), "train_json": json_path,
                    "train_images": w.images_dir}
-    builder = builder_lib.build(data_config)
+    builder = coco_dataset.build(data_config)
     examples = {int(e["image_id"]): e for e in tfds.as_numpy(builder.as_dataset(split="train"))}
     raw = builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
     for e in tfds.as_numpy(raw):
@@ -174,7 +174,7 @@ def built(tmp_path_factory):
 
 def test_category_map_is_contiguous_and_stored(built):
     builder, _, _, data_config = built
-    categories = builder_lib.load_category_map(builder)
+    categories = coco_dataset.load_category_map(builder)
     assert categories.category_ids == (3, 7, 12)
     assert categories.names == ("car", "dog", "kite")
     assert [categories.label(c) for c in (3, 7, 12)] == [1, 2, 3]
@@ -184,14 +184,14 @@ def test_category_map_is_contiguous_and_stored(built):
     with pytest.raises(KeyError):
         categories.label(4)
     # A fresh builder on the built directory (no annotation paths) reads the same map from disk.
-    reloaded = builder_lib.get_builder({"name": "cases", "data_dir": data_config["data_dir"]})
+    reloaded = coco_dataset.get_builder({"name": "cases", "data_dir": data_config["data_dir"]})
     assert reloaded.is_prepared()
-    assert builder_lib.load_category_map(reloaded) == categories
+    assert coco_dataset.load_category_map(reloaded) == categories
 
 
 def test_summary_counts_everything(built):
     builder, examples, _, _ = built
-    summary = builder_lib.build_summary(builder)["train"]
+    summary = coco_dataset.build_summary(builder)["train"]
     assert summary["images_in_json"] == 11
     assert summary["images"] == 8 == len(examples)
     assert summary["empty_images"] == 1
@@ -201,7 +201,7 @@ def test_summary_counts_everything(built):
     assert summary["skipped_annotations"] == {"degenerate_box": 1, "zero_area_mask": 1,
                                               "invalid_segmentation": 1, "missing_segmentation": 1}
     assert summary["reencoded_images"] == 4  # gray, rgba, 16-bit, exif
-    text = builder_lib.format_summary({"train": summary})
+    text = coco_dataset.format_summary({"train": summary})
     assert "8 images written of 11" in text and "1 unreadable_image" in text and "1 degenerate_box" in text
 
 
@@ -211,7 +211,7 @@ def test_skipped_items_are_logged_by_file(tmp_path, caplog):
     writer.image("ok.png", 10, 10, _save_array(np.full((10, 10, 3), 7, np.uint8)))
     json_path = writer.write()
     with caplog.at_level("WARNING"):
-        builder_lib.build({"name": "logged", "data_dir": str(tmp_path / "tfds"), "train_json": json_path,
+        coco_dataset.build({"name": "logged", "data_dir": str(tmp_path / "tfds"), "train_json": json_path,
                            "train_images": writer.images_dir})
     assert any("gone.jpg" in record.getMessage() and "missing_image" in record.getMessage()
                for record in caplog.records)
@@ -304,7 +304,7 @@ def test_unknown_category_is_a_clear_error(tmp_path):
     writer.annotate(image_id, 99, [[1.0, 1.0, 5.0, 1.0, 5.0, 5.0]], [1, 1, 4, 4])
     json_path = writer.write()
     with pytest.raises(coco_format.CocoFormatError, match="category_id 99.*missing from the category list"):
-        builder_lib.build({"name": "bad_category", "data_dir": str(tmp_path / "tfds"), "train_json": json_path,
+        coco_dataset.build({"name": "bad_category", "data_dir": str(tmp_path / "tfds"), "train_json": json_path,
                            "train_images": writer.images_dir})
 
 
@@ -334,10 +334,10 @@ def test_every_image_unreadable_is_an_error(tmp_path):
                 f.write(b"this is not an image")
         writer.image(name, 10, 10, save_garbage)
     json_path = writer.write()
-    with pytest.raises(builder_lib.DatasetBuildError, match="not one image"):
-        builder_lib.build({"name": "unreadable", "data_dir": str(tmp_path / "tfds"), "train_json": json_path,
+    with pytest.raises(coco_dataset.DatasetBuildError, match="not one image"):
+        coco_dataset.build({"name": "unreadable", "data_dir": str(tmp_path / "tfds"), "train_json": json_path,
                            "train_images": writer.images_dir})
-    assert not builder_lib.get_builder({"name": "unreadable", "data_dir": str(tmp_path / "tfds")}).is_prepared()
+    assert not coco_dataset.get_builder({"name": "unreadable", "data_dir": str(tmp_path / "tfds")}).is_prepared()
 
 
 def test_splits_must_share_categories(tmp_path):
@@ -346,18 +346,18 @@ def test_splits_must_share_categories(tmp_path):
     train_json = writer.write("train.json")
     val_json = writer.write("val.json", categories=[{"id": 1, "name": "other"}])
     with pytest.raises(coco_format.CocoFormatError, match="categories of validation"):
-        builder_lib.build({"name": "mismatch", "data_dir": str(tmp_path / "tfds"), "train_json": train_json,
+        coco_dataset.build({"name": "mismatch", "data_dir": str(tmp_path / "tfds"), "train_json": train_json,
                            "train_images": writer.images_dir, "val_json": val_json,
                            "val_images": writer.images_dir})
 
 
 def test_a_dataset_without_keypoints_has_no_keypoint_schema(built):
     builder, examples, expect, _ = built
-    assert builder_lib.load_keypoint_schema(builder) is None
+    assert coco_dataset.load_keypoint_schema(builder) is None
     assert builder.info.metadata["keypoints"] is None
-    summary = builder_lib.build_summary(builder)["train"]
+    summary = coco_dataset.build_summary(builder)["train"]
     assert summary["keypoint_instances"] == summary["labelled_keypoints"] == 0
-    assert "keypoint" not in builder_lib.format_summary({"train": summary})
+    assert "keypoint" not in coco_dataset.format_summary({"train": summary})
     assert examples[expect["rgb"]["id"]]["objects"]["keypoints"].shape == (2, 0, 3)
 
 
@@ -404,7 +404,7 @@ def keypoint_build(tmp_path_factory):
     cases["crowd"] = (None, [(0, 0, 0)] * 5)
     w.image("nobody.png", 20, 20, _save_array(np.zeros((20, 20, 3), np.uint8)))
     json_path = w.write(categories=KEYPOINT_CATEGORIES)
-    builder = builder_lib.build({"name": "people", "data_dir": os.path.join(root, "tfds"), "train_json": json_path,
+    builder = coco_dataset.build({"name": "people", "data_dir": os.path.join(root, "tfds"), "train_json": json_path,
                                  "train_images": w.images_dir})
     example = next(e for e in tfds.as_numpy(builder.as_dataset(split="train")) if e["image_id"] == image_id)
     order = [name for name in ids if name != "crowd"] + ["crowd"]  # the builder puts crowd regions last
@@ -413,14 +413,14 @@ def keypoint_build(tmp_path_factory):
 
 def test_keypoint_schema_is_stored_with_the_dataset(keypoint_build):
     builder, _, _ = keypoint_build
-    schema = builder_lib.load_keypoint_schema(builder)
+    schema = coco_dataset.load_keypoint_schema(builder)
     assert schema.names == tuple(KEYPOINT_NAMES) and schema.num_keypoints == 5
     assert schema.skeleton == ((0, 1), (0, 2), (3, 4))  # 0-based past the JSON
     assert schema.oks_sigmas == pytest.approx(KEYPOINT_SIGMAS)
     assert schema.category_ids == (5,)
-    reloaded = builder_lib.get_builder({"name": "people", "data_dir": os.fspath(builder.data_dir_root)})
+    reloaded = coco_dataset.get_builder({"name": "people", "data_dir": os.fspath(builder.data_dir_root)})
     assert reloaded.is_prepared()
-    assert builder_lib.load_keypoint_schema(reloaded) == schema
+    assert coco_dataset.load_keypoint_schema(reloaded) == schema
 
 
 def test_keypoints_are_stored_per_object_and_bad_ones_counted(keypoint_build):
@@ -430,13 +430,13 @@ def test_keypoints_are_stored_per_object_and_bad_ones_counted(keypoint_build):
         np.testing.assert_array_equal(stored, np.asarray(points, np.float32), err_msg=name)
     assert objects["num_keypoints"].tolist() == [sum(v > 0 for _, _, v in p) for p in expected.values()]
     assert objects["label"].shape == (len(expected),)  # instances with bad keypoints are kept
-    summary = builder_lib.build_summary(builder)["train"]
+    summary = coco_dataset.build_summary(builder)["train"]
     assert summary["keypoint_corrections"] == {"invalid_keypoints": 1, "invalid_keypoint_visibility": 1,
                                                "keypoint_outside_image": 1, "position_without_visibility": 1,
                                                "num_keypoints_mismatch": 1}
     assert summary["keypoint_instances"] == 4  # good, outside, position_without_visibility, num_keypoints_mismatch
     assert summary["labelled_keypoints"] == 4 + 3 + 3 + 4
-    text = builder_lib.format_summary({"train": summary})
+    text = coco_dataset.format_summary({"train": summary})
     assert "14 labelled on 4 instances" in text and "1 keypoint_outside_image" in text
 
 
@@ -475,12 +475,12 @@ def test_splits_must_share_keypoints(tmp_path):
     train_json = _keypoint_json(tmp_path / "train", KEYPOINT_CATEGORIES)
     val_json = _keypoint_json(tmp_path / "val", _category(keypoints=KEYPOINT_NAMES[::-1]))
     with pytest.raises(coco_format.CocoFormatError, match="keypoints of validation"):
-        builder_lib.build({"name": "keypoint_mismatch", "data_dir": str(tmp_path / "tfds"),
+        coco_dataset.build({"name": "keypoint_mismatch", "data_dir": str(tmp_path / "tfds"),
                            "train_json": train_json, "train_images": str(tmp_path / "train" / "images"),
                            "val_json": val_json, "val_images": str(tmp_path / "val" / "images")})
 
 
-class _Version100(builder_lib.CocoInstances, skip_registration=True):
+class _Version100(coco_dataset.CocoInstances, skip_registration=True):
     """The builder as it was before keypoints (same name, version 1.0.0), to write an old dataset."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -499,14 +499,14 @@ def test_a_dataset_built_before_keypoint_support_is_still_read(tmp_path):
     writer.annotate(image_id, 3, [SQUARE], _polygon_box(SQUARE))
     config = {"name": "old", "data_dir": str(tmp_path / "tfds"), "train_json": writer.write(),
               "train_images": writer.images_dir}
-    old = _Version100(config=builder_lib.CocoInstancesConfig(
+    old = _Version100(config=coco_dataset.CocoInstancesConfig(
         name="old", train_json=config["train_json"], train_images=config["train_images"]), data_dir=config["data_dir"])
     old.download_and_prepare()
     assert "keypoints" not in old.info.features["objects"].feature.keys()
 
-    builder = builder_lib.build(config)  # finds the old version instead of building a new one
+    builder = coco_dataset.build(config)  # finds the old version instead of building a new one
     assert str(builder.version) == "1.0.0" and builder.is_prepared()
-    assert builder_lib.load_keypoint_schema(builder) is None
+    assert coco_dataset.load_keypoint_schema(builder) is None
     (example,) = tfds.as_numpy(builder.as_dataset(split="train"))
     assert example["objects"]["label"].tolist() == [1] and "keypoints" not in example["objects"]
 
@@ -523,7 +523,7 @@ def fingerprinted(tmp_path):
     writer.annotate(image_id, 12, [SQUARE], _polygon_box(SQUARE))
     config = {"name": "fingerprinted", "data_dir": str(tmp_path / "tfds"), "train_json": writer.write(),
               "train_images": writer.images_dir}
-    builder = builder_lib.build(config)
+    builder = coco_dataset.build(config)
     sources = builder.info.metadata["sources"]["train"]
     assert sources["json_bytes"] == os.path.getsize(config["train_json"])
     assert (sources["image_files"], sources["image_bytes"]) == (1, os.path.getsize(
@@ -546,8 +546,8 @@ def _rewrite(path, old, new, keep_mtime=False):
 def test_a_changed_json_stops_with_what_changed_and_what_to_do(fingerprinted):
     config, _ = fingerprinted
     _rewrite(config["train_json"], '"kite"', '"kite with a longer name"')
-    with pytest.raises(builder_lib.StaleDatasetError) as error:
-        builder_lib.build(config)
+    with pytest.raises(coco_dataset.StaleDatasetError) as error:
+        coco_dataset.build(config)
     message = str(error.value)
     assert "train: JSON" in message and config["train_json"] in message and "bytes, was" in message
     assert "Delete" in message and "data.name" in message
@@ -556,30 +556,30 @@ def test_a_changed_json_stops_with_what_changed_and_what_to_do(fingerprinted):
 def test_a_json_with_the_same_size_but_other_content_is_caught_by_its_hash(fingerprinted):
     config, _ = fingerprinted
     _rewrite(config["train_json"], '"kite"', '"kitE"')
-    with pytest.raises(builder_lib.StaleDatasetError, match="same size but different content"):
-        builder_lib.get_builder(config)
+    with pytest.raises(coco_dataset.StaleDatasetError, match="same size but different content"):
+        coco_dataset.get_builder(config)
 
 
 def test_a_touched_or_moved_json_with_the_same_content_is_not_stale(fingerprinted, tmp_path):
     config, _ = fingerprinted
     _rewrite(config["train_json"], '"kite"', '"kite"')  # a new modification time only
-    assert builder_lib.get_builder(config).is_prepared()
+    assert coco_dataset.get_builder(config).is_prepared()
     moved = str(tmp_path / "moved.json")
     os.rename(config["train_json"], moved)
-    assert builder_lib.get_builder(dict(config, train_json=moved)).is_prepared()
+    assert coco_dataset.get_builder(dict(config, train_json=moved)).is_prepared()
     # Without the sources at hand (e.g. only the records were copied) there is nothing to compare.
-    assert builder_lib.get_builder(config).is_prepared()
+    assert coco_dataset.get_builder(config).is_prepared()
 
 
 def test_a_changed_image_folder_is_caught(fingerprinted):
     config, writer = fingerprinted
     _save_array(np.zeros((8, 8, 3), np.uint8))(os.path.join(writer.images_dir, "extra.png"))
-    with pytest.raises(builder_lib.StaleDatasetError, match="image folder .* holds 2 files"):
-        builder_lib.get_builder(config)
+    with pytest.raises(coco_dataset.StaleDatasetError, match="image folder .* holds 2 files"):
+        coco_dataset.get_builder(config)
 
 
 def test_a_dataset_built_before_fingerprints_compares_the_json_size():
     recorded = {"json": "/old/instances.json", "json_bytes": 10, "images": "/old/images"}
-    assert builder_lib.changed_sources(recorded, __file__, os.path.dirname(__file__))
+    assert coco_dataset.changed_sources(recorded, __file__, os.path.dirname(__file__))
     recorded["json_bytes"] = os.path.getsize(__file__)
-    assert builder_lib.changed_sources(recorded, __file__, os.path.dirname(__file__)) == []
+    assert coco_dataset.changed_sources(recorded, __file__, os.path.dirname(__file__)) == []

@@ -9,7 +9,7 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
-from maskrcnn_jax.data import builder as builder_lib  # noqa: E402
+from maskrcnn_jax.data import coco_dataset  # noqa: E402
 from maskrcnn_jax.data import pipeline, synthetic, transforms  # noqa: E402
 from maskrcnn_jax.data.transforms import InputOptions  # noqa: E402
 
@@ -249,7 +249,7 @@ def tiny_builder(tmp_path_factory):
     shape_options = synthetic.ShapesOptions(image_size_range=(48, 72), object_size_range=(12.0, 30.0),
                                             min_visible_area=30.0)
     paths = synthetic.generate(str(root / "coco"), num_train=7, num_val=5, seed=3, options=shape_options)
-    return builder_lib.build({"name": "tiny", "data_dir": str(root / "tfds"), **paths})
+    return coco_dataset.build({"name": "tiny", "data_dir": str(root / "tfds"), **paths})
 
 
 def _take(iterator, count):
@@ -468,7 +468,7 @@ def figures_builder(tmp_path_factory):
                                                crowd_figure_height_range=(10.0, 16.0), empty_fraction=0.2,
                                                crowd_fraction=0.3)
     paths = stick_figures.generate(str(root / "coco"), num_train=6, num_val=3, seed=4, options=options)
-    builder = builder_lib.build({"name": "tiny_figures", "data_dir": str(root / "tfds"), **paths})
+    builder = coco_dataset.build({"name": "tiny_figures", "data_dir": str(root / "tfds"), **paths})
     annotations = {}
     for split in ("train", "val"):
         with open(paths[f"{split}_json"]) as f:
@@ -493,7 +493,7 @@ def _expected_boxes_valid(annotations, scale_yx, offset_yx, content_size):
 def test_keypoints_survive_build_to_train_batches(figures_builder):
     builder, annotations = figures_builder
     names = stick_figures.JOINT_NAMES
-    schema = builder_lib.load_keypoint_schema(builder)
+    schema = coco_dataset.load_keypoint_schema(builder)
     assert schema.names == names and schema.oks_sigmas == pytest.approx(stick_figures.OKS_SIGMAS)
     iterator = pipeline.TrainIterator(builder, FIGURE_OPTIONS, batch_size=2, seed=0)
     seen_flips, seen_crops, labelled = set(), False, 0
@@ -537,7 +537,7 @@ def test_keypoints_in_eval_batches(figures_builder):
 
 
 def test_a_dataset_without_keypoints_has_no_gt_keypoints(tiny_builder):
-    assert builder_lib.load_keypoint_schema(tiny_builder) is None
+    assert coco_dataset.load_keypoint_schema(tiny_builder) is None
     batch = next(pipeline.TrainIterator(tiny_builder, OPTIONS, batch_size=2, seed=0))
     assert "gt_keypoints" not in batch
     eval_batch = next(pipeline.eval_batches(tiny_builder, OPTIONS, batch_size=2, with_ground_truth=True))

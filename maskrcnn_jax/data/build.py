@@ -31,20 +31,20 @@ flags.DEFINE_integer("shapes_seed", 0, "Seed of the synthetic dataset (with --sh
 def main(argv):
     del argv
     # Imported here so `--help` stays fast and TensorFlow starts only when there is work.
-    from maskrcnn_jax.data import builder as builder_lib
+    from maskrcnn_jax.data import coco_dataset
     from maskrcnn_jax.data import synthetic
     config = {"name": FLAGS.name, "data_dir": FLAGS.data_dir, "train_json": FLAGS.train_json,
               "train_images": FLAGS.train_images, "val_json": FLAGS.val_json, "val_images": FLAGS.val_images}
     if FLAGS.shapes_dir:
         config.update(synthetic.generate(FLAGS.shapes_dir, FLAGS.shapes_num_train, FLAGS.shapes_num_val,
                                          FLAGS.shapes_seed))
-    builder = builder_lib.get_builder(config)
+    builder = coco_dataset.get_builder(config)
     if builder.is_prepared():
         print(f"{builder.data_dir} is already built; delete it or pick a new --name to rebuild.")
     else:
         builder.download_and_prepare()
-    print(builder_lib.format_summary(builder_lib.build_summary(builder)))
-    categories = builder_lib.load_category_map(builder)
+    print(coco_dataset.format_summary(coco_dataset.build_summary(builder)))
+    categories = coco_dataset.load_category_map(builder)
     print(f"{categories.num_classes} categories: " + ", ".join(
         f"{categories.category_id(label)}->{label} {categories.name(label)}"
         for label in range(1, categories.num_classes + 1)))

@@ -54,7 +54,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from maskrcnn_jax.data import keypoints, transforms
-from maskrcnn_jax.data.builder import load_keypoint_schema
+from maskrcnn_jax.data.coco_dataset import load_keypoint_schema
 from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
 from maskrcnn_jax.data.transforms import InputOptions
 

@@ -20,15 +20,12 @@ hide more than half of an earlier shape is redrawn. About 8 % of images have no 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn_jax.data import polygons
+from maskrcnn_jax.data import generated, polygons
 
 CLASS_NAMES = ("circle", "triangle", "square", "star", "cross")
 _SPLIT_NUMBER = {"train": 0, "val": 1}
@@ -216,67 +213,30 @@ def _info(split: str, num_images: int, seed: int, options: ShapesOptions) -> dic
 
 def shapes_data_paths(out_dir: str) -> dict[str, str]:
     """The four data-config fields for a folder written by `generate`."""
-    return {"train_json": os.path.join(out_dir, "annotations", "instances_train.json"),
-            "train_images": os.path.join(out_dir, "train"),
-            "val_json": os.path.join(out_dir, "annotations", "instances_val.json"),
-            "val_images": os.path.join(out_dir, "val")}
+    return generated.data_paths(out_dir, "instances")
 
 
 def write_split(out_dir: str, split: str, num_images: int, seed: int, options: ShapesOptions) -> str:
     """Draws `num_images` images and writes them with their annotation JSON; returns the JSON path."""
-    images_dir = os.path.join(out_dir, split)
-    os.makedirs(images_dir, exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    images, annotations = [], []
-    for index in range(num_images):
-        rng = np.random.default_rng([seed, _SPLIT_NUMBER[split], index])
-        pixels, shapes = draw_image(rng, options)
-        image_id = index + 1
-        file_name = f"{image_id:06d}.jpg"
-        Image.fromarray(pixels).save(os.path.join(images_dir, file_name), quality=options.jpeg_quality)
-        images.append({"id": image_id, "file_name": file_name, "height": pixels.shape[0], "width": pixels.shape[1]})
-        for shape in shapes:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": shape["class_index"] + 1, "segmentation": shape["polygons"],
-                                "bbox": shape["bbox"], "area": shape["area"], "iscrowd": 0})
-    coco = {"info": _info(split, num_images, seed, options), "images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]}
-    json_path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
-    temporary = json_path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(coco, f)
-    os.replace(temporary, json_path)  # the JSON appears last, so its presence means the split is complete
-    return json_path
+
+    def draw(index):
+        pixels, shapes = draw_image(np.random.default_rng([seed, _SPLIT_NUMBER[split], index]), options)
+        return pixels, [{"category_id": shape["class_index"] + 1, "segmentation": shape["polygons"],
+                         "bbox": shape["bbox"], "area": shape["area"], "iscrowd": 0} for shape in shapes]
+
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]
+    return generated.write_split(out_dir, split, shapes_data_paths(out_dir)[f"{split}_json"], num_images, draw,
+                                 options.jpeg_quality, _info(split, num_images, seed, options), categories)
 
 
 def generate(out_dir: str, num_train: int, num_val: int, seed: int = 0,
              options: ShapesOptions = ShapesOptions()) -> dict[str, str]:
     """Writes both splits unless `out_dir` already holds them for the same arguments; returns the paths
     (train_json, train_images, val_json, val_images)."""
-    paths = shapes_data_paths(out_dir)
-    for split, num_images in (("train", num_train), ("val", num_val)):
-        json_path = paths[f"{split}_json"]
-        if os.path.isfile(json_path):
-            with open(json_path) as f:
-                if json.load(f).get("info") == json.loads(json.dumps(_info(split, num_images, seed, options))):
-                    continue
-        write_split(out_dir, split, num_images, seed, options)
-    return paths
-
-
-def main(argv):
-    del argv
-    from absl import flags
-    values = flags.FLAGS
-    paths = generate(values.out_dir, values.num_train, values.num_val, values.seed)
-    for key, path in paths.items():
-        print(f"{key}: {path}")
+    return generated.generate_splits(shapes_data_paths(out_dir), {"train": num_train, "val": num_val},
+                                     lambda split, n: _info(split, n, seed, options),
+                                     lambda split, n: write_split(out_dir, split, n, seed, options))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("out_dir", None, "Folder to write the COCO-format dataset into.", required=True)
-    flags.DEFINE_integer("num_train", 2000, "Training images.")
-    flags.DEFINE_integer("num_val", 200, "Validation images.")
-    flags.DEFINE_integer("seed", 0, "Everything drawn follows from this seed.")
-    app.run(main)
+    generated.command_line(generate, "dataset")

@@ -1,0 +1,76 @@
+"""`InputOptions`: what the input pipeline does to each example. Its fields, with their defaults, are the
+`data.*` fields of every config (config.base_config reads them from here); no TensorFlow is imported."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+from maskrcnn_jax.data import image_resize
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+    """What the input pipeline does to each example. Every field is a config knob (see `from_config`).
+
+    Resize modes: with `short_side` set, the short side is scaled to `short_side` unless that makes the long
+    side exceed `long_side_max` (detectron2's ResizeShortestEdge); with `short_side=None` the image is
+    scaled to fit the canvas (TF Model Garden's square canvas). Either way the result is padded to
+    `canvas_size`. `scale_jitter=(lo, hi)` multiplies the training scale by U(lo, hi); a window of the
+    canvas size is then cropped at random when the image outgrows the canvas.
+    """
+
+    canvas_size: tuple[int, int] = (1024, 1024)  # (height, width)
+    short_side: int | None = None
+    long_side_max: int | None = None
+    scale_jitter: tuple[float, float] = (1.0, 1.0)
+    random_flip: bool = True
+    max_instances: int = 100
+    mask_size: int = 112
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB on the 0-255 scale
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # How the resized size is made whole: "round" (half to even; detectron2 and the TF Model Garden round) or
+    # "floor" (torchvision's GeneralizedRCNNTransform).
+    size_rounding: str = "round"
+    mask_dtype: str = "float32"  # "float32": bilinear values in [0, 1]; "uint8": binarised at 0.5
+    shuffle_buffer: int = 1024
+    deterministic: bool = True  # order and content are a function of the seed (needed for exact resume)
+    # (name, mirrored name) pairs of keypoint types that a horizontal flip swaps; empty: derived from the
+    # dataset's names, left_X <-> right_X (see keypoints.flip_permutation).
+    keypoint_flip_map: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        # A config gives lists; a frozen dataclass wants tuples (hashable, comparable).
+        object.__setattr__(self, "keypoint_flip_map", tuple(tuple(pair) for pair in self.keypoint_flip_map))
+        for pair in self.keypoint_flip_map:
+            if len(pair) != 2 or not all(isinstance(name, str) for name in pair):
+                raise ValueError(f"keypoint_flip_map entries must be (name, mirrored name) pairs, got {pair!r}")
+        if self.mask_dtype not in ("float32", "uint8"):
+            raise ValueError(f"mask_dtype must be 'float32' or 'uint8', got {self.mask_dtype!r}")
+        if self.size_rounding not in image_resize.SIZE_ROUNDINGS:
+            raise ValueError(f"size_rounding must be one of {image_resize.SIZE_ROUNDINGS}, got "
+                             f"{self.size_rounding!r}")
+        if self.short_side is not None and self.long_side_max is None:
+            raise ValueError("short_side needs long_side_max (use a large value for no limit)")
+        lo, hi = self.scale_jitter
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_jitter must satisfy 0 < lo <= hi, got {self.scale_jitter}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "InputOptions":
+        """Takes the fields of this class that `config` (a ConfigDict or mapping) has; ignores the rest."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = config.get(field.name) if isinstance(config, Mapping) else getattr(config, field.name, None)
+            if value is not None:
+                values[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
+        return cls(**values)
+
+
+def optional_value_type(name: str) -> type:
+    """The type of a field whose default is None (int for `int | None`), for a config placeholder."""
+    arguments = [a for a in typing.get_args(typing.get_type_hints(InputOptions)[name]) if a is not type(None)]
+    if len(arguments) != 1:
+        raise TypeError(f"InputOptions.{name} is not an optional field of one type")
+    return arguments[0]
