@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn_jax.data import builder as builder_lib  # noqa: E402
+from maskrcnn_jax.data import coco_dataset  # noqa: E402
 from maskrcnn_jax.data import pipeline, synthetic  # noqa: E402
 from maskrcnn_jax.data.transforms import InputOptions  # noqa: E402
 
@@ -51,10 +51,10 @@ def main():
     generate_seconds = time.perf_counter() - start
     paths.update(val_json=None, val_images=None)
     start = time.perf_counter()
-    builder = builder_lib.build({"name": f"coco_like_{args.images}", "data_dir": os.path.join(workdir, "tfds"),
+    builder = coco_dataset.build({"name": f"coco_like_{args.images}", "data_dir": os.path.join(workdir, "tfds"),
                                  **paths})
     build_seconds = time.perf_counter() - start
-    summary = builder_lib.build_summary(builder)["train"]
+    summary = coco_dataset.build_summary(builder)["train"]
 
     rows = []
     for name in args.settings.split(","):

@@ -51,7 +51,7 @@ def main():
 
     from maskrcnn_jax.convert import from_torchvision
     from maskrcnn_jax.convert.coco_categories import coco_category_map
-    from maskrcnn_jax.convert.defaults import default_config
+    from maskrcnn_jax.convert.configs import default_config
     from maskrcnn_jax.inference import Predictor
     from maskrcnn_jax.modeling.mask_rcnn import build_model
 

@@ -72,13 +72,10 @@ RESULTS_NAME = "results.json"
 
 
 def load_config(config_path: str):
-    """get_config() of a config file, imported as configs/*.py are by ml_collections' config_flags."""
-    import importlib.util
+    """get_config() of a config file, as --config=PATH gives it."""
+    from maskrcnn_jax import config as config_lib
 
-    spec = importlib.util.spec_from_file_location("ablation_base_config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load(config_path)
 
 
 def budget_overrides(config_path: str, num_steps: int | None) -> dict[str, str]:
@@ -110,17 +107,10 @@ def run_dir(runs_dir: str, variant: str, seed: int) -> str:
 
 def final_metrics(workdir: str, num_steps: int) -> dict[str, float] | None:
     """The eval_metrics.jsonl line at `num_steps` (the last one if several), or None: the run is not finished."""
-    path = os.path.join(workdir, "eval_metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    found = None
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                if int(record["step"]) == num_steps:
-                    found = record
-    return found
+    from maskrcnn_jax.engine import workdir as workdir_lib
+
+    found = [record for record in workdir_lib.read_eval_metrics(workdir) if int(record["step"]) == num_steps]
+    return found[-1] if found else None
 
 
 def check_same_run(workdir: str, overrides: Mapping[str, str], config_path: str) -> None:

@@ -10,12 +10,19 @@ Optional values are ml_collections placeholders (typed None), so `--config.data.
 as an int. `validate(config)` checks combinations that a single field cannot.
 """
 
+import dataclasses
+import importlib.util
+import pathlib
+
 import ml_collections
 from ml_collections import config_dict
 
+from maskrcnn_jax.data.options import InputOptions, optional_value_type
 from maskrcnn_jax.modeling.defaults import model_config
 
 OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("multistep", "cosine")
+ON_NONFINITE = ("stop", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -24,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     data = config.data = ml_collections.ConfigDict()
     # The dataset: `name` + `data_dir` locate the built TFDS records; the four paths are the COCO-format
-    # sources it is built from when it is not built yet (data.builder.build).
+    # sources it is built from when it is not built yet (data.coco_dataset.build).
     data.name = "coco2017"
     data.data_dir = config_dict.placeholder(str)
     data.train_json = config_dict.placeholder(str)
@@ -33,30 +40,20 @@ def base_config() -> ml_collections.ConfigDict:
     data.val_images = config_dict.placeholder(str)
     data.train_split = "train"
     data.eval_split = "validation"
-    # Generated shapes (data.synthetic): when num_train > 0, `shapes_dir` is filled first and the four
-    # paths above are taken from it.
-    data.shapes = ml_collections.ConfigDict()
-    data.shapes.dir = config_dict.placeholder(str)
-    data.shapes.num_train = 0
-    data.shapes.num_val = 0
-    data.shapes.seed = 0
-    # The input pipeline (data.transforms.InputOptions): fields of the same names.
-    data.canvas_size = (1024, 1024)
-    data.short_side = config_dict.placeholder(int)
-    data.long_side_max = config_dict.placeholder(int)
-    data.scale_jitter = (1.0, 1.0)
-    data.random_flip = True
-    data.max_instances = 100
-    data.mask_size = 112
-    data.pixel_mean = (123.675, 116.28, 103.53)
-    data.pixel_std = (58.395, 57.12, 57.375)
-    data.size_rounding = "round"  # or "floor", as torchvision makes the resized size whole
-    data.mask_dtype = "float32"
-    data.shuffle_buffer = 1024
-    data.deterministic = True
-    # Keypoint types a horizontal flip swaps, as (name, mirrored name) pairs, e.g. (("l_eye", "r_eye"),);
-    # empty: left_X <-> right_X derived from the dataset's keypoint names (data.keypoints.flip_permutation).
-    data.keypoint_flip_map = ()
+    # Generated datasets: when num_train > 0, `dir` is filled first and the four paths above come from it (set
+    # at most one of the two, and then none of the paths). shapes: 5 classes of shapes (data.synthetic);
+    # stick_figures: people with 13 named joints, for keypoints (data.stick_figures).
+    for generated in ("shapes", "stick_figures"):
+        section = data[generated] = ml_collections.ConfigDict()
+        section.dir = config_dict.placeholder(str)
+        section.num_train = 0
+        section.num_val = 0
+        section.seed = 0
+    # The input pipeline: every field of data/options.py's InputOptions, with its default and its meaning there.
+    for field in dataclasses.fields(InputOptions):
+        default = field.default
+        setattr(data, field.name, config_dict.placeholder(optional_value_type(field.name)) if default is None
+                else default)
     data.seed = 0  # tf.data shuffling and augmentation
 
     train = config.train = ml_collections.ConfigDict()
@@ -65,22 +62,33 @@ def base_config() -> ml_collections.ConfigDict:
     train.optimizer = "sgd"  # sgd (with momentum) | adamw
     train.base_lr = 0.02
     train.momentum = 0.9  # sgd only
-    train.weight_decay = 1e-4  # on conv and dense kernels only: never on norm parameters or biases
+    train.weight_decay = 1e-4  # on conv and dense kernels
+    train.weight_decay_bias = 0.0  # on their biases (detectron2's WEIGHT_DECAY_BIAS)
+    train.weight_decay_norm = 0.0  # on norm scales and shifts (detectron2's WEIGHT_DECAY_NORM)
+    train.lr_schedule = "multistep"  # multistep | cosine (detectron2's WarmupMultiStepLR | WarmupCosineLR)
     train.warmup_steps = 1000
     train.warmup_factor = 0.001  # detectron2's linear warmup starts at base_lr * warmup_factor
-    train.lr_steps = (60_000, 80_000)  # multiply the learning rate by lr_gamma at each
+    train.lr_steps = (60_000, 80_000)  # multistep: multiply the learning rate by lr_gamma at each
     train.lr_gamma = 0.1
+    train.lr_end_factor = 0.0  # cosine: the learning rate at num_steps, as a fraction of base_lr
     train.grad_clip_norm = 0.0  # clip the global gradient norm to this; 0 turns clipping off
+    train.ema_decay = 0.0  # > 0: keep this moving average of the parameters and evaluate and predict with it
+    # A step whose loss or gradient is not finite never updates the state. "stop" then ends the run with an error
+    # naming the step and the image ids; "skip" logs them, counts the step and goes on, and ends the run after
+    # max_consecutive_skips such steps in a row.
+    train.on_nonfinite = "stop"
+    train.max_consecutive_skips = 10
     train.seed = 0  # parameter init and the sampling RNG of the train step
     train.log_every = 20
     train.checkpoint_every = 5000
     train.max_checkpoints_to_keep = 3  # the latest ones; the best by mask AP is kept besides
     train.eval_every = 10_000  # 0: no periodic evaluation
     train.final_eval = True  # evaluate after the last step
-    train.eval_only = False  # evaluate the latest checkpoint (or fresh weights) and stop
+    train.eval_only = False  # evaluate a checkpoint of the workdir (eval.step, default the latest) and stop
 
     evaluation = config.eval = ml_collections.ConfigDict()
     evaluation.batch_size = 8  # global
+    evaluation.step = config_dict.placeholder(int)  # train.eval_only: the checkpoint to evaluate; None = latest
     evaluation.max_dets = 100  # COCOeval's third maxDets (AP and AR100 use it), at least 10
     evaluation.mask_threshold = 0.5
     evaluation.mask_paste = "detectron2"  # or "torchvision": how 28 x 28 masks are pasted into the image
@@ -94,6 +102,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     t = config.train
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    if t.on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"train.on_nonfinite must be one of {ON_NONFINITE}, got {t.on_nonfinite!r}")
+    if not 0 <= t.ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
     if t.batch_size < 1 or config.eval.batch_size < 1:
         raise ValueError("train.batch_size and eval.batch_size must be positive")
     if list(t.lr_steps) != sorted(t.lr_steps):
@@ -106,3 +120,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     stride = max(config.model.anchors.strides)
     if any(side % stride for side in canvas):
         raise ValueError(f"data.canvas_size {canvas} must be a multiple of the coarsest stride {stride}")
+
+
+def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """get_config() of a config file (configs/*.py), as --config=PATH gives it on the command line."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"config_file_{path.stem}", path)
+    if spec is None:
+        raise FileNotFoundError(f"no config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

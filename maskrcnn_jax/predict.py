@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from maskrcnn_jax import evaluation
+from maskrcnn_jax.evaluation import coco
 
 
 def read_image(path: str) -> np.ndarray:
@@ -63,7 +63,7 @@ def predict_files(predictor, paths: Sequence[str], out_dir: str, score_threshold
     'unreadable': [(path, reason)]}."""
     from tqdm import tqdm
 
-    from maskrcnn_jax import visualize
+    from maskrcnn_jax.serving import visualize
 
     os.makedirs(out_dir, exist_ok=True)
     names = _output_names(paths)
@@ -94,8 +94,8 @@ def predict_files(predictor, paths: Sequence[str], out_dir: str, score_threshold
                        "width": int(pixels.shape[1])})
         overlay = visualize.draw_overlay(pixels, result, None, score_threshold, colour_by_instance=True)
         overlay.save(os.path.join(out_dir, f"{name}.png"))
-        for k, rle in enumerate(evaluation.encode_masks(result["masks"])):
-            entry = evaluation.coco_result(image_id, result["labels"][k], result["boxes"][k], result["scores"][k], rle)
+        for k, rle in enumerate(coco.encode_masks(result["masks"])):
+            entry = coco.coco_result(image_id, result["labels"][k], result["boxes"][k], result["scores"][k], rle)
             if polygons:
                 entry["polygons"] = mask_polygons(result["masks"][k])
             results.append(entry)
@@ -123,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
-    from maskrcnn_jax.inference import Predictor
+    from maskrcnn_jax.serving.predictor import Predictor
 
     hide_accelerators_from_tensorflow()
     predictor = Predictor.from_checkpoint(args.workdir, batch_size=args.batch_size)

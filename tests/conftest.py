@@ -1,3 +1,4 @@
+import os
 import pathlib
 import zlib
 
@@ -17,6 +18,17 @@ import pytest
 def rng(request):
     """A NumPy generator seeded from the test's own name: fresh inputs per test, reproducible per test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_sessionstart(session):
+    """CI sets MASKRCNN_JAX_REQUIRE_PARITY=1 (.ci/run): there the torchvision parity tests must run, not skip."""
+    if os.environ.get("MASKRCNN_JAX_REQUIRE_PARITY") == "1":
+        try:
+            import torch  # noqa: F401
+            import torchvision  # noqa: F401
+        except ImportError as error:
+            raise pytest.UsageError(f"MASKRCNN_JAX_REQUIRE_PARITY=1 but the parity extra is missing ({error}): "
+                                    "install it with pip install -e '.[test,parity]'") from error
 
 
 def pytest_configure(config):

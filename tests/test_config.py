@@ -7,7 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from maskrcnn_jax import config as config_lib
-from maskrcnn_jax import train
+from maskrcnn_jax.engine import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,9 +26,11 @@ def test_base_config_has_the_four_sections_and_validates():
     config_lib.validate(config)
 
 
-@pytest.mark.parametrize("name", ["shapes.py", "test.py", "coco_r50_fpn_1x.py"])
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py")))
 def test_every_config_file_loads_and_validates(name):
-    config_lib.validate(parse(name))
+    config = parse(name)
+    config_lib.validate(config)
+    assert config_lib.load(os.path.join(ROOT, "configs", name)).to_dict() == config.to_dict()
 
 
 def test_coco_recipe_is_detectron2_1x():
@@ -86,4 +88,4 @@ def test_config_files_train_what_their_dataset_has():
     # shapes: 5 classes + background; the training loop checks this against the built dataset too.
     assert parse("shapes.py").model.num_classes == 6
     assert parse("test.py").model.num_classes == 6
-    assert train.learning_rate_schedule(parse("shapes.py").train)(0) > 0
+    assert optim.learning_rate_schedule(parse("shapes.py").train)(0) > 0

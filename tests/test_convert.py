@@ -19,7 +19,7 @@ from maskrcnn_jax.convert import (
     merge_pretrained,
     missing_variables,
 )
-from maskrcnn_jax.convert.defaults import default_config
+from maskrcnn_jax.convert.configs import default_config
 from maskrcnn_jax.convert.layout import conv_transpose_kernel, dense_kernel_from_nchw_flatten, flatten
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 from maskrcnn_jax.modeling.heads import FCNMaskHead

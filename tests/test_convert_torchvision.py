@@ -24,7 +24,7 @@ import pytest
 
 from maskrcnn_jax import ops
 from maskrcnn_jax.convert import from_torchvision
-from maskrcnn_jax.convert.defaults import default_config
+from maskrcnn_jax.convert.configs import default_config
 from maskrcnn_jax.inference import Predictor
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 

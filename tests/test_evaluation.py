@@ -10,7 +10,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn_jax import evaluation
+from maskrcnn_jax.evaluation import coco as evaluation
+from maskrcnn_jax.serving import host
 from maskrcnn_jax.data.coco_format import CategoryMap
 
 # Non-contiguous ids, as COCO's 1..90 with gaps.
@@ -168,8 +169,8 @@ def test_detections_round_trip_to_original_pixels_and_dataset_ids(rng):
         "masks": np.ones((slots, 28, 28), np.float32),
         "valid": np.asarray([True, True, True, False, False, False]),
     }
-    results, detections = evaluation.detections_to_results(
-        predictions, 5, (height, width), scale, CATEGORIES, evaluation.MaskPaster(0.5))
+    image_size = np.round(np.asarray([height, width]) * scale).astype(np.int32)  # the image's window on the canvas
+    results, detections = evaluation.detections_to_results(predictions, 5, image_size, (height, width), CATEGORIES)
     assert [r["category_id"] for r in results] == [3, 17, 42]
     np.testing.assert_allclose([r["bbox"] for r in results], [a["bbox"] for a in annotations], atol=1e-4)
     for result, annotation in zip(results, annotations):
@@ -181,8 +182,8 @@ def test_detections_round_trip_to_original_pixels_and_dataset_ids(rng):
     assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
 
 
-def test_boxes_to_original_divides_by_the_scale_and_clips():
+def test_boxes_to_original_scales_by_original_over_resized_and_clips():
     boxes = np.asarray([[10, 20, 50, 60], [-5, -5, 400, 300]], np.float32)
-    out = evaluation.boxes_to_original(boxes, np.asarray([2.0, 0.5]), np.asarray([100, 120]))
+    out = host.boxes_to_original(boxes, np.asarray([200, 60]), np.asarray([100, 120]))
     np.testing.assert_allclose(out[0], [20, 10, 100, 30])
     np.testing.assert_allclose(out[1], [0, 0, 120, 100])

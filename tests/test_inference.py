@@ -11,12 +11,14 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from maskrcnn_jax import inference_io, ops, predict, train
+from maskrcnn_jax import ops, predict, train
 from maskrcnn_jax.data import transforms
-from maskrcnn_jax.export import export_predictor
-from maskrcnn_jax.exported import ExportedModel
-from maskrcnn_jax.inference import Predictor
-from test_train import tiny_config
+from maskrcnn_jax.engine import checkpointing, workdir as workdir_lib
+from maskrcnn_jax.serving import host as inference_io
+from maskrcnn_jax.serving.export import export_predictor
+from maskrcnn_jax.serving.exported_model import ExportedModel
+from maskrcnn_jax.serving.predictor import Predictor
+from tiny_training import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -157,23 +159,25 @@ def test_score_threshold_only_filters(predictor, rng):
 
 
 def test_from_checkpoint_takes_the_best_evaluated_step(workdir, tmp_path):
-    from maskrcnn_jax import inference
-
-    manager = train.checkpoint_manager(workdir, inference.read_config(workdir))
+    config = workdir_lib.read_config(workdir)
+    manager = checkpointing.checkpoint_manager(workdir, config)
     try:
-        assert sorted(manager.all_steps()) == [2, 4]
-        assert inference.checkpoint_step(workdir, manager) == 4  # only step 4 was evaluated
-        metrics_file = os.path.join(workdir, "eval_metrics.jsonl")
-        original = open(metrics_file).read()
-        try:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": 2, train.BEST_METRIC: 2.0}) + "\n")
-            assert inference.checkpoint_step(workdir, manager) == 2
-        finally:
-            with open(metrics_file, "w") as f:
-                f.write(original)
+        available = sorted(manager.all_steps())
     finally:
         manager.close()
+    assert available == [2, 4]
+    assert workdir_lib.best_step(workdir, available, latest=4) == 4  # only step 4 was evaluated
+    assert checkpointing.restore_variables(workdir, config)[1] == 4
+    metrics_file = os.path.join(workdir, workdir_lib.METRICS_FILE)
+    original = open(metrics_file).read()
+    try:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps({"step": 2, workdir_lib.BEST_METRIC: 2.0}) + "\n")
+        assert workdir_lib.best_step(workdir, available, latest=4) == 2
+        assert checkpointing.restore_variables(workdir, config)[1] == 2
+    finally:
+        with open(metrics_file, "w") as f:
+            f.write(original)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,6 +191,39 @@ def test_the_exported_model_matches_the_predictor(predictor, tmp_path, rng):
     images = [photo(rng, 64, 64), photo(rng, 200, 150, channels=4)]
     for expected, actual in zip(predictor(images, score_threshold=0.0), loaded(images, score_threshold=0.0)):
         assert_results_equal(expected, actual)
+
+
+def test_the_exported_model_runs_from_three_copied_files_without_the_package(predictor, tmp_path, rng):
+    """serving/exported_model.py, serving/host.py and data/image_resize.py, copied next to a server, run an export
+    with the package made unimportable, and give the Predictor's results."""
+    import shutil
+    import subprocess
+    import sys
+
+    from maskrcnn_jax.data import image_resize
+    from maskrcnn_jax.serving import exported_model
+
+    out = export_predictor(predictor, str(tmp_path / "exported"))
+    server = tmp_path / "server"
+    server.mkdir()
+    for module in (exported_model, inference_io, image_resize):
+        shutil.copy(module.__file__, server)
+    image = photo(rng, 90, 70)
+    np.save(tmp_path / "image.npy", image)
+    script = (
+        "import sys, pickle\n"
+        "sys.modules['maskrcnn_jax'] = None  # the package is not there\n"
+        f"sys.path.insert(0, {str(server)!r})\n"
+        "import numpy as np\n"
+        "from exported_model import ExportedModel\n"
+        f"result = ExportedModel({out!r})(np.load({str(tmp_path / 'image.npy')!r}), score_threshold=0.0)\n"
+        f"pickle.dump(result, open({str(tmp_path / 'result.pkl')!r}, 'wb'))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    import pickle
+
+    with open(tmp_path / "result.pkl", "rb") as f:
+        assert_results_equal(predictor(image, score_threshold=0.0), pickle.load(f))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from maskrcnn_jax import main
+from maskrcnn_jax.engine import parallel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, True),
 ])
 def test_cluster_detection(environ, expected):
-    assert main.in_cluster(environ) is expected
+    assert parallel.in_cluster(environ) is expected
 
 
 def test_a_misspelt_override_fails_before_any_work(tmp_path):

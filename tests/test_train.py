@@ -5,10 +5,8 @@ Tests that need 8 simulated devices or a killed process run this file as a scrip
 (`python tests/test_train.py WORKER ARGS`), with XLA_FLAGS set before JAX is imported.
 """
 
-import importlib.util
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -20,44 +18,18 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax import train
-from maskrcnn_jax.data import pipeline
-from maskrcnn_jax.data.transforms import InputOptions
+from maskrcnn_jax.data import pipeline, synthetic
+from maskrcnn_jax.engine import checkpointing, datasets, optim, parallel, progress
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CACHE_DIR = ROOT / ".venv" / "jax_cache"
-
-
-def tiny_config(data_root, **train_overrides):
-    """configs/test.py on a 64 px canvas with its data under `data_root`."""
-    spec = importlib.util.spec_from_file_location("test_config_file", ROOT / "configs" / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.data.data_dir = os.path.join(data_root, "tfds")
-    config.data.shapes.dir = os.path.join(data_root, "shapes")
-    config.data.shapes.num_train = 8
-    config.data.shapes.num_val = 2
-    config.data.canvas_size = (64, 64)
-    config.train.final_eval = False
-    for key, value in train_overrides.items():
-        setattr(config.train, key, value)
-    return config
-
-
-def subprocess_env(devices=1):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(CACHE_DIR)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_training import CACHE_DIR, ROOT, batches, restored_state, subprocess_env, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes_data"))
-    train.prepare_data(tiny_config(root))
+    datasets.prepare_dataset(tiny_config(root))
     return root
 
 
@@ -66,31 +38,10 @@ def compiled(data_root):
     """One model, optimizer and compiled train step on a 1-device mesh, shared by the tests below."""
     config = tiny_config(data_root)
     model = build_model(config.model)
-    mesh = train.make_mesh(jax.devices()[:1])
-    state, tx = train.create_train_state(config, model)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state, tx = checkpointing.create_train_state(config, model)
     step = train.jit_train_step(model, tx, config, mesh)
-    return config, model, mesh, train.replicate(state, mesh), step
-
-
-def batches(config, count, shard_index=0, shard_count=1, batch_size=None, start_batch=0):
-    builder = train.prepare_data(config)
-    iterator = pipeline.TrainIterator(builder, InputOptions.from_config(config.data),
-                                      batch_size=batch_size or config.train.batch_size, seed=config.data.seed,
-                                      shard_index=shard_index, shard_count=shard_count, start_batch=start_batch)
-    return [next(iterator) for _ in range(count)]
-
-
-def restored_state(config, workdir, step=None):
-    model = build_model(config.model)
-    mesh = train.make_mesh(jax.devices()[:1])
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = jax.eval_shape(lambda: train.create_train_state(config, model)[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-    manager = train.checkpoint_manager(workdir, config)
-    try:
-        return train.restore_checkpoint(manager, abstract, step)
-    finally:
-        manager.close()
+    return config, model, mesh, parallel.replicate(state, mesh), step
 
 
 def assert_trees_equal(a, b, rtol=0.0):
@@ -109,7 +60,7 @@ def test_learning_rate_follows_detectron2_warmup_multistep():
     config = tiny_config("/unused")
     t = config.train
     t.base_lr, t.warmup_steps, t.warmup_factor, t.lr_steps, t.lr_gamma = 0.02, 1000, 0.001, (60_000, 80_000), 0.1
-    schedule = train.learning_rate_schedule(t)
+    schedule = optim.learning_rate_schedule(t)
 
     def detectron2(step):  # WarmupMultiStepLR with linear warmup
         alpha = step / 1000
@@ -128,7 +79,7 @@ def test_no_decay_on_norms_or_biases_and_no_update_for_frozen_stages(rng):
     model = build_model(config.model)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 2), jnp.int32))
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes["params"])
-    tx = train.make_optimizer(config, params)
+    tx = optim.make_optimizer(config, params)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     flat = {jax.tree_util.keystr(path): np.asarray(u) for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
@@ -153,17 +104,111 @@ def test_a_non_finite_step_is_skipped_and_stops_the_run_naming_step_and_images(c
     local = batches(config, 1)[0]
     poisoned = dict(local, image=np.where(np.arange(64)[None, :, None, None] == 3, np.nan, local["image"]))
     params_before = jax.device_get(state.params)
-    new_state, metrics = step(jax.tree.map(jnp.copy, state), train.global_batch(poisoned, mesh))
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), parallel.global_batch(poisoned, mesh, train.MODEL_INPUTS))
     assert not bool(metrics["finite"])
     assert int(new_state.step) == 1
     assert_trees_equal(new_state.params, params_before)
 
-    progress = train.ProgressLog(train.MetricWriter.__new__(train.MetricWriter), 10, 2, 0)
-    progress.add(7, metrics, local["image_id"])
-    with pytest.raises(train.NonFiniteLossError) as error:
-        progress.check()
+    log = progress.ProgressLog(progress.MetricWriter.__new__(progress.MetricWriter), 10, 2, 0)
+    log.add(7, metrics, local["image_id"])
+    with pytest.raises(progress.NonFiniteLossError) as error:
+        log.check()
     assert "step 7" in str(error.value)
     assert str(local["image_id"].tolist()) in str(error.value)
+
+
+def nonfinite_metrics(finite):
+    return {"loss": np.float32(1.0 if finite else np.nan), "grad_norm": np.float32(1.0),
+            "learning_rate": np.float32(0.1), "finite": np.bool_(finite)}
+
+
+def test_skip_mode_counts_non_finite_steps_and_stops_after_too_many_in_a_row():
+    log = progress.ProgressLog(progress.MetricWriter.__new__(progress.MetricWriter), 10, 2, 0, on_nonfinite="skip",
+                               max_consecutive_skips=3)
+    ids = np.asarray([11, 12])
+    for step, finite in enumerate([True, False, False, True, False, False], start=1):
+        log.add(step, nonfinite_metrics(finite), ids)
+    kept = log.check()  # two runs of two skips: counted, never three in a row
+    assert [step for step, _ in kept] == [1, 4]
+    assert log.skipped_steps == 4 and log.consecutive_skips == 2
+    log.add(7, nonfinite_metrics(False), ids)
+    with pytest.raises(progress.NonFiniteLossError, match="3 non-finite steps in a row.*step 7.*11, 12"):
+        log.check()
+
+
+def test_the_moving_average_follows_the_parameters(data_root):
+    config = tiny_config(data_root)
+    config.train.ema_decay = 0.75
+    model = build_model(config.model)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state, tx = checkpointing.create_train_state(config, model)
+    step = train.jit_train_step(model, tx, config, mesh)
+    state = parallel.replicate(state, mesh)
+    expected = jax.device_get(state.params)
+    for local in batches(config, 2):
+        state, metrics = step(state, parallel.global_batch(local, mesh, train.MODEL_INPUTS))
+        assert bool(metrics["finite"])
+        expected = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, expected, jax.device_get(state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(state.ema_params), expected)
+    assert state.variables()["params"] is state.ema_params
+
+
+class FakeManager:
+    directory = "/work/run/checkpoints"
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def all_steps(self):
+        return self.steps
+
+
+def test_eval_only_needs_a_checkpoint_and_takes_eval_step():
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.evaluated_step(FakeManager([]), None)
+    assert train.evaluated_step(FakeManager([4, 2]), None) == 4
+    assert train.evaluated_step(FakeManager([4, 2]), 2) == 2
+    with pytest.raises(ValueError, match=r"eval.step=3 .* steps \[2, 4\]"):
+        train.evaluated_step(FakeManager([4, 2]), 3)
+
+
+def test_eval_only_in_an_empty_workdir_is_an_error(data_root, tmp_path):
+    config = tiny_config(data_root)
+    config.train.eval_only = True
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.train_and_evaluate(config, str(tmp_path / "empty"))
+
+
+def test_explicit_dataset_paths_and_generated_shapes_together_are_an_error(data_root):
+    config = tiny_config(data_root)
+    config.data.train_json = "/data/mine/train.json"
+    with pytest.raises(ValueError, match="data.train_json.*data.shapes.num_train=0"):
+        datasets.dataset_sources(config.data)
+    config.data.shapes.num_train = 0
+    assert datasets.dataset_sources(config.data)["train_json"] == "/data/mine/train.json"
+
+
+def test_half_empty_training_images_train_with_torchvisions_smooth_l1(data_root, tmp_path):
+    """Issue 13's acceptance: a COCO-format set where half the training images have no annotation trains with the
+    torchvision config's box losses (smooth-L1, beta 1/9) without stopping."""
+    paths = synthetic.shapes_data_paths(os.path.join(data_root, "shapes"))
+    with open(paths["train_json"]) as f:
+        coco = json.load(f)
+    emptied = {image["id"] for image in coco["images"][::2]}
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] not in emptied]
+    train_json = tmp_path / "half_empty_train.json"
+    train_json.write_text(json.dumps(coco))
+    config = tiny_config(data_root, num_steps=6, checkpoint_every=100)
+    config.data.shapes.num_train = 0
+    config.data.name = "half_empty"
+    config.data.train_json, config.data.train_images = str(train_json), paths["train_images"]
+    config.data.val_json, config.data.val_images = paths["val_json"], paths["val_images"]
+    config.model.rpn.box_loss_beta = config.model.roi_heads.box_loss_beta = 1.0 / 9
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    state, consumed = restored_state(config, str(tmp_path / "run"))
+    assert int(state.step) == 6 and consumed == 6
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
 def test_steps_are_finite_and_change_the_parameters(compiled):
@@ -171,7 +216,7 @@ def test_steps_are_finite_and_change_the_parameters(compiled):
     state = jax.tree.map(jnp.copy, state)
     before = jax.device_get(state.params)
     for local in batches(config, 2):
-        state, metrics = step(state, train.global_batch(local, mesh))
+        state, metrics = step(state, parallel.global_batch(local, mesh, train.MODEL_INPUTS))
         assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
         assert set(metrics) >= {"loss", "rpn_cls", "rpn_box", "box_cls", "box_reg", "mask", "grad_norm",
                                 "learning_rate"}
@@ -191,8 +236,8 @@ def test_empty_and_crowd_only_images_train_finite(data_root, beta, dtype):
     config.model.dtype = dtype
     config.model.rpn.box_loss_beta = config.model.roi_heads.box_loss_beta = beta
     model = build_model(config.model)
-    mesh = train.make_mesh(jax.devices()[:1])
-    state, tx = train.create_train_state(config, model)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state, tx = checkpointing.create_train_state(config, model)
     step = train.jit_train_step(model, tx, config, mesh)
     # A batch whose two images both have an instance, to turn into the two edge cases.
     local = dict(next(b for b in batches(config, 4) if b["gt_valid"].any(1).all()))
@@ -204,7 +249,7 @@ def test_empty_and_crowd_only_images_train_finite(data_root, beta, dtype):
     local.update(gt_valid=valid, gt_is_crowd=crowd, gt_boxes=np.where(valid[..., None], local["gt_boxes"], 0.0),
                  gt_classes=np.where(valid, local["gt_classes"], 0))
     before = jax.device_get(state.params)
-    new_state, metrics = step(train.replicate(state, mesh), train.global_batch(local, mesh))
+    new_state, metrics = step(parallel.replicate(state, mesh), parallel.global_batch(local, mesh, train.MODEL_INPUTS))
     metrics = jax.device_get(metrics)
     assert bool(metrics["finite"]), metrics
     for name in ("loss", "rpn_cls", "rpn_box", "box_cls", "box_reg", "mask", "grad_norm"):
@@ -260,13 +305,13 @@ def worker_devices(data_root, out_path):
     local_batches = batches(config, 3)
     results = {}
     for count in (1, 8):
-        mesh = train.make_mesh(jax.devices()[:count])
-        state, tx = train.create_train_state(config, model)
-        state = train.replicate(state, mesh)
+        mesh = parallel.make_mesh(jax.devices()[:count])
+        state, tx = checkpointing.create_train_state(config, model)
+        state = parallel.replicate(state, mesh)
         step = train.jit_train_step(model, tx, config, mesh)
         losses = []
         for local in local_batches:
-            state, metrics = step(state, train.global_batch(local, mesh))
+            state, metrics = step(state, parallel.global_batch(local, mesh, train.MODEL_INPUTS))
             losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         leaves = jax.tree.leaves(jax.device_get(state.params))
         results[count] = (losses, leaves, len(state.params["backbone"]["body"]["conv1"]["kernel"].sharding.device_set))

@@ -1,7 +1,9 @@
 """Two processes on localhost (jax.distributed, one CPU device each, gloo collectives) train 2 steps through
 `python -m maskrcnn_jax.main` and end with the same parameters as one process stepping on the same global
-batches (process 0's shard rows first, then process 1's)."""
+batches (process 0's shard rows first, then process 1's). Their final evaluation, split over the two processes,
+gives the COCO metrics that one process gives for the same checkpoint."""
 
+import json
 import os
 import socket
 import subprocess
@@ -12,10 +14,11 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax import train
+from maskrcnn_jax.engine import checkpointing, datasets, parallel, workdir as workdir_lib
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import ROOT, batches, restored_state, subprocess_env, tiny_config  # noqa: E402
+from tiny_training import ROOT, batches, restored_state, subprocess_env, tiny_config  # noqa: E402
 
 
 def free_port():
@@ -27,14 +30,15 @@ def free_port():
 def test_two_processes_match_one(tmp_path):
     data_root = str(tmp_path / "data")
     config = tiny_config(data_root, batch_size=2, num_steps=2)
-    train.prepare_data(config)
+    datasets.prepare_dataset(config)
     workdir = tmp_path / "two_processes"
     port = free_port()
     command = [sys.executable, "-m", "maskrcnn_jax.main", f"--config={ROOT / 'configs' / 'test.py'}",
                f"--workdir={workdir}", f"--config.data.data_dir={data_root}/tfds",
                f"--config.data.shapes.dir={data_root}/shapes", "--config.data.shapes.num_train=8",
                "--config.data.shapes.num_val=2", "--config.data.canvas_size=(64,64)",
-               "--config.train.batch_size=2", "--config.train.num_steps=2", "--config.train.final_eval=False"]
+               "--config.train.batch_size=2", "--config.train.num_steps=2", "--config.train.final_eval=True",
+               "--config.eval.batch_size=2", "--distributed=on"]
     processes = []
     for process_id in range(2):
         env = subprocess_env(1)
@@ -55,14 +59,24 @@ def test_two_processes_match_one(tmp_path):
 
     # The same two global batches on one process and one device.
     model = build_model(config.model)
-    mesh = train.make_mesh(jax.devices()[:1])
-    state, tx = train.create_train_state(config, model)
-    state = train.replicate(state, mesh)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state, tx = checkpointing.create_train_state(config, model)
+    state = parallel.replicate(state, mesh)
     step = train.jit_train_step(model, tx, config, mesh)
     shards = [batches(config, 2, shard_index=i, shard_count=2, batch_size=1) for i in range(2)]
     for first, second in zip(*shards):
         global_rows = {k: np.concatenate([first[k], second[k]]) for k in first}
-        state, _ = step(state, train.global_batch(global_rows, mesh))
+        state, _ = step(state, parallel.global_batch(global_rows, mesh, train.MODEL_INPUTS))
+
+    # The two processes' evaluation equals one process evaluating the same checkpoint.
+    (two_process_metrics,) = workdir_lib.read_eval_metrics(str(workdir))
+    config.train.eval_only = True
+    one_process_metrics = train.train_and_evaluate(config, str(workdir))
+    assert two_process_metrics["step"] == 2
+    for key, value in one_process_metrics.items():
+        assert two_process_metrics[key] == pytest.approx(value, abs=1e-9), key
+    with open(workdir_lib.eval_file(str(workdir), 2, "results.json")) as f:
+        assert len(json.load(f)) > 0  # both processes' detections were gathered and scored
 
     restored, consumed = restored_state(config, str(workdir))
     assert int(restored.step) == 2 and consumed == 2

@@ -17,11 +17,11 @@ from ml_collections import config_flags
 
 from maskrcnn_jax.convert.checkpoint import write_checkpoint
 from maskrcnn_jax.convert.coco_categories import coco_category_map
-from maskrcnn_jax.convert.defaults import DEFAULT_CONFIGS, default_config
+from maskrcnn_jax.convert.configs import DEFAULT_CONFIGS, default_config
 from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS, keep_class_slots
 from maskrcnn_jax.convert.detectron2 import from_detectron2, load_detectron2_pickle
 from maskrcnn_jax.convert.torchvision import from_torchvision, load_torch_file
-from maskrcnn_jax.inference import write_categories
+from maskrcnn_jax.engine.workdir import write_categories
 
 flags.DEFINE_enum("from", None, sorted(DEFAULT_CONFIGS), "Which library wrote the checkpoint.")
 flags.DEFINE_string("out", None, "Workdir to write the Orbax checkpoint and config.json into.")

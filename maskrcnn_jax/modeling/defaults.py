@@ -7,6 +7,11 @@ def model_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.num_classes = 91  # including background, as torchvision counts (COCO: 80 used ids out of 1..90)
     c.dtype = "float32"  # compute dtype: float32 | bfloat16; parameters, losses, decoding and NMS stay float32
+    # Crowd annotations: "ignore" makes anchors and proposals lying at least crowd_ioa_threshold inside a crowd
+    # region (intersection over their own area) neither positive nor negative; "drop" treats crowd regions as
+    # absent, as detectron2 and torchvision do. Crowd regions are never foreground either way.
+    c.crowd_regions = "ignore"
+    c.crowd_ioa_threshold = 0.7
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.depth = 50

@@ -69,9 +69,12 @@ class MaskRCNN(nn.Module):
         return ops.generate_anchors(images.shape[1:3], a.strides, a.sizes, a.aspect_ratios)
 
     def _pooled_levels(self, levels):
-        """The levels RoI pooling reads (P2-P5), flattened once so that the box and mask heads share one copy."""
+        """The levels RoI pooling reads (P2-P5), flattened once so that the box and mask heads share one copy. In
+        float32 whatever the compute dtype: RoI pooling gathers and accumulates in float32, as torch's autocast
+        runs roi_align."""
         r = self.config.roi_heads
-        return ops.flatten_pyramid(levels[: len(r.pool_strides)], r.pool_strides)
+        pooled = [level.astype(jnp.float32) for level in levels[: len(r.pool_strides)]]
+        return ops.flatten_pyramid(pooled, r.pool_strides)
 
     def _pool(self, pyramid, boxes, output_size):
         r = self.config.roi_heads
@@ -95,6 +98,13 @@ class MaskRCNN(nn.Module):
             min_size=r.min_size,
         )
         return objectness, deltas, boxes, valid
+
+    def _crowd_ioa_threshold(self):
+        """None when crowd regions are dropped, else the inside-a-crowd IoA above which candidates are ignored."""
+        c = self.config
+        if c.crowd_regions not in ("ignore", "drop"):
+            raise ValueError(f"model.crowd_regions must be 'ignore' or 'drop', got {c.crowd_regions!r}")
+        return c.crowd_ioa_threshold if c.crowd_regions == "ignore" else None
 
     def _select_mask_channel(self, mask_logits, classes):
         if self.config.roi_heads.class_agnostic_mask:
@@ -127,6 +137,7 @@ class MaskRCNN(nn.Module):
             batch_size_per_image=c.rpn.batch_size_per_image,
             positive_fraction=c.rpn.positive_fraction,
             box_loss_beta=c.rpn.box_loss_beta,
+            crowd_ioa_threshold=self._crowd_ioa_threshold(),
         )
 
         r = c.roi_heads
@@ -141,6 +152,7 @@ class MaskRCNN(nn.Module):
             batch_size_per_image=r.batch_size_per_image,
             positive_fraction=r.positive_fraction,
             iou_threshold=r.iou_threshold,
+            crowd_ioa_threshold=self._crowd_ioa_threshold(),
         )
         pyramid = self._pooled_levels(levels)
         class_logits, box_deltas = self.box_head(self._pool(pyramid, sampled["rois"], r.box_pool_size))

@@ -25,10 +25,12 @@ def sample_rois(
     batch_size_per_image=512,
     positive_fraction=0.25,
     iou_threshold=0.5,
+    crowd_ioa_threshold=0.7,
 ):
-    """Training RoIs per image: proposals plus the ground-truth boxes, matched at `iou_threshold` (crowd regions
-    ignored), then a balanced sample. Positives come first, so the first `int(batch_size_per_image *
-    positive_fraction)` slots hold every positive (the mask head's fixed-size input).
+    """Training RoIs per image: proposals plus the ground-truth boxes, matched at `iou_threshold` (proposals lying at
+    least `crowd_ioa_threshold` inside a crowd region ignored; None drops crowd regions), then a balanced sample.
+    Positives come first, so the first `int(batch_size_per_image * positive_fraction)` slots hold every positive
+    (the mask head's fixed-size input).
 
     Returns a dict of [B, S, ...] arrays: rois, valid, positive, classes (0 for background), matched_gt.
     """
@@ -46,6 +48,7 @@ def sample_rois(
             low_threshold=iou_threshold,
             high_threshold=iou_threshold,
             allow_low_quality_matches=False,
+            crowd_ioa_threshold=crowd_ioa_threshold,
         )
         labels = jnp.where(candidate_valid, labels, -1)
         index, valid, positive = ops.sample_balanced(key, labels, batch_size_per_image, positive_fraction)

@@ -59,14 +59,17 @@ def rpn_losses(
     batch_size_per_image=256,
     positive_fraction=0.5,
     box_loss_beta=0.0,
+    crowd_ioa_threshold=0.7,
 ):
     """detectron2's RPN losses: BCE on sampled anchors and smooth-L1 (L1 at beta=0) on sampled positives,
-    both summed and divided by `num_images * batch_size_per_image`.
+    both summed and divided by `num_images * batch_size_per_image`. Anchors lying at least `crowd_ioa_threshold`
+    inside a crowd region are ignored (None: crowd regions are dropped, as detectron2 and torchvision do).
 
     objectness [B, A], deltas [B, A, 4], anchors [A, 4]; gt_* padded [B, G, ...] with validity.
     """
     batch = objectness.shape[0]
     keys = jax.random.split(key, batch)
+    anchors = jnp.asarray(anchors)  # a NumPy array cannot be indexed by the traced sample
 
     def per_image(key, objectness, deltas, gt_boxes, gt_valid, gt_is_crowd):
         matched, labels = ops.match_boxes(
@@ -77,6 +80,7 @@ def rpn_losses(
             low_threshold=iou_thresholds[0],
             high_threshold=iou_thresholds[1],
             allow_low_quality_matches=True,
+            crowd_ioa_threshold=crowd_ioa_threshold,
         )
         index, sampled, positive = ops.sample_balanced(key, labels, batch_size_per_image, positive_fraction)
         target_boxes = gt_boxes[matched[index]]

@@ -223,6 +223,21 @@ def _weighted_gather_backward(residuals, grad):
 _weighted_gather.defvjp(_weighted_gather_forward, _weighted_gather_backward)
 
 
+def _sample_value(flat_features, indices, weights):
+    """One bilinear sample of every bin: sum_k flat_features[indices[k]] * weights[k], [4, ...] -> [..., C].
+
+    XLA recomputes the argmax inside each backward scatter (an optimization barrier does not stop it on the CPU),
+    and each copy may contract the sum into multiply-adds its own way: two tied samples could then each win in
+    one copy and the bin's gradient would count twice. Products rounded on their own make every copy agree.
+    """
+    value = None
+    for index, weight in zip(indices, weights):
+        term = flat_features.at[index].get(mode="promise_in_bounds")
+        term = rounded_product(term, weight[..., None].astype(term.dtype))
+        value = term if value is None else value + term
+    return value
+
+
 def _sample_max(flat_features, indices, weights, with_argmax):
     """Max over samples s of sum_k flat_features[indices[s, k]] * weights[s, k], and (with_argmax) the first s
     attaining it (int8 while the sample count fits). Strict ">" keeps the earliest sample on ties."""
@@ -230,7 +245,7 @@ def _sample_max(flat_features, indices, weights, with_argmax):
     argmax_dtype = jnp.int8 if num_samples <= 127 else jnp.int32
     best = argmax = None
     for s in range(num_samples):
-        value = _weighted_gather(flat_features, indices[s], weights[s])
+        value = _sample_value(flat_features, indices[s], weights[s])
         if best is None:
             best = value
             argmax = jnp.zeros(value.shape, argmax_dtype) if with_argmax else None

@@ -4,8 +4,8 @@
     result = model(image)      # the same dict as inference.Predictor: boxes, scores, labels, names, masks
 
 An export directory holds model.stablehlo (jax.export's serialized StableHLO of the network, weights included) and
-inference.json (canvas, resize, normalisation, mask threshold, batch size and label map). This file and
-inference_io.py are all a server needs.
+inference.json (canvas, resize, normalisation, mask threshold, batch size and label map). This file, serving/host.py
+and data/image_resize.py are all a server needs.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import jax
 import numpy as np
 
 try:
-    from maskrcnn_jax import inference_io
-except ImportError:  # copied out of the package, next to inference_io.py
-    import inference_io
+    from maskrcnn_jax.serving import host
+except ImportError:  # copied out of the package, next to host.py
+    import host
 
 MODEL_FILE = "model.stablehlo"
 SPEC_FILE = "inference.json"
 
 
-class ExportedModel(inference_io.ImagePredictor):
+class ExportedModel(host.ImagePredictor):
     def __init__(self, directory: str):
         with open(os.path.join(directory, SPEC_FILE)) as f:
-            self.spec = inference_io.InferenceSpec.from_json(f.read())
+            self.spec = host.InferenceSpec.from_json(f.read())
         with open(os.path.join(directory, MODEL_FILE), "rb") as f:
             self.exported = jax.export.deserialize(bytearray(f.read()))
         self._call = jax.jit(self.exported.call)

@@ -1,12 +1,12 @@
 """The host side of inference, in NumPy alone: image -> canvas batch, and fixed-size detections -> results in the
 original image's pixels and the dataset's category ids.
 
-`inference.Predictor` and the exported-model loader (`exported.py`) both run through `predict_images` here, so they
-prepare and map back identically. This module imports nothing from the rest of the package: copied next to
-exported.py it serves an exported model without this codebase.
+The `Predictor`, the exported-model loader and COCO evaluation all map detections back through this module, so they
+agree to the bit. It imports nothing from the rest of the package but data/image_resize.py: copied next to
+exported_model.py with that file, it serves an exported model without this codebase.
 
-The resize is the evaluation pipeline's (data/transforms.py), in the same float32 steps: scale to fit the canvas
-(or short side / long side limit), make the size whole by `size_rounding`, resample bilinearly with half-pixel
+The resize is the evaluation pipeline's (data/image_resize.py's rule, in the same float32 steps): scale to fit the
+canvas (or short side / long side limit), make the size whole by `size_rounding`, resample bilinearly with half-pixel
 centres and no antialiasing (tf.image.resize, and torch's interpolate(align_corners=False)), normalise, pad.
 Masks are pasted by detectron2's rule as ops.paste_masks does (pixel centres read the 28 x 28 grid bilinearly, zero
 outside), here only over each box's own rows and columns, or by torchvision's (for parity with its models).
@@ -20,7 +20,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-SIZE_ROUNDINGS = ("round", "floor")
+try:
+    from maskrcnn_jax.data import image_resize
+except ImportError:  # copied out of the package, next to image_resize.py
+    import image_resize
 # "detectron2": pixel centres read the m x m grid bilinearly in the exact box (ops.paste_masks);
 # "torchvision": the grid, padded by one zero cell, is resized into the grown box rounded to whole pixels.
 MASK_PASTE_RULES = ("detectron2", "torchvision")
@@ -44,8 +47,8 @@ class InferenceSpec:
     names: tuple[str, ...]
 
     def __post_init__(self):
-        if self.size_rounding not in SIZE_ROUNDINGS:
-            raise ValueError(f"size_rounding must be one of {SIZE_ROUNDINGS}, got {self.size_rounding!r}")
+        if self.size_rounding not in image_resize.SIZE_ROUNDINGS:
+            raise ValueError(f"size_rounding must be one of {image_resize.SIZE_ROUNDINGS}, got {self.size_rounding!r}")
         if self.mask_paste not in MASK_PASTE_RULES:
             raise ValueError(f"mask_paste must be one of {MASK_PASTE_RULES}, got {self.mask_paste!r}")
         if len(self.category_ids) != len(self.names):
@@ -88,15 +91,11 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
 
 
 def resized_size(height: int, width: int, spec: InferenceSpec) -> tuple[int, int]:
-    """(h_s, w_s) of the image on the canvas: transforms.resize_scale then scaled_size, in float32."""
+    """(h_s, w_s) of the image on the canvas, by data/image_resize.py's rule in float32."""
     h, w = np.float32(height), np.float32(width)
-    if spec.short_side is not None:
-        scale = min(np.float32(spec.short_side) / min(h, w), np.float32(spec.long_side_max) / max(h, w))
-    else:
-        scale = min(np.float32(spec.canvas_size[0]) / h, np.float32(spec.canvas_size[1]) / w)
+    scale = image_resize.resize_scale(h, w, spec.canvas_size, spec.short_side, spec.long_side_max, np)
     exact = np.asarray([h, w], np.float32) * np.float32(scale)
-    whole = np.floor(exact) if spec.size_rounding == "floor" else np.round(exact)
-    return tuple(int(v) for v in np.maximum(whole, 1))
+    return tuple(int(v) for v in image_resize.whole_size(exact, spec.size_rounding, np))
 
 
 def _axis_samples(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

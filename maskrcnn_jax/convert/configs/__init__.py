@@ -1,0 +1,16 @@
+"""The configs that describe each peer library's model, inside the package so that an installed importer finds them.
+configs/torchvision_maskrcnn_r50_fpn.py and configs/detectron2_maskrcnn_r50_fpn.py are these, for the command line."""
+
+import ml_collections
+
+from maskrcnn_jax.convert.configs import detectron2_maskrcnn_r50_fpn, torchvision_maskrcnn_r50_fpn
+
+DEFAULT_CONFIGS = {
+    "torchvision": torchvision_maskrcnn_r50_fpn,
+    "detectron2": detectron2_maskrcnn_r50_fpn,
+}
+
+
+def default_config(source: str) -> ml_collections.ConfigDict:
+    """get_config() of the model a `source` ('torchvision' or 'detectron2') checkpoint comes from."""
+    return DEFAULT_CONFIGS[source].get_config()

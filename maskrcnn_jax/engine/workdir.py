@@ -1,0 +1,121 @@
+"""The one owner of a workdir's files. Training, the importers, evaluation and prediction all read and write a
+workdir through these functions:
+
+    config.json           the full config of the run (or of the imported model)
+    categories.json       the label map: contiguous label k <-> the dataset's category id and name
+    checkpoints/          Orbax checkpoints (engine.checkpointing)
+    eval_metrics.jsonl    one line per evaluation: {"step", "bbox_AP", ..., "segm_ARl"}
+    eval/                 step_XXXXXXXX_results.json (COCO results) and step_XXXXXXXX_per_class.txt
+    overlays/             step_XXXXXXXX/<image id>.png, pictures of predictions
+    tensorboard/          TensorBoard event files
+    logs/log.txt          everything the run logged, library messages included
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping
+
+import ml_collections
+from absl import logging
+
+from maskrcnn_jax.data.coco_format import CategoryMap
+
+CONFIG_FILE = "config.json"
+CATEGORIES_FILE = "categories.json"
+METRICS_FILE = "eval_metrics.jsonl"
+# The evaluation metric that picks the best checkpoint (kept by Orbax, restored for prediction).
+BEST_METRIC = "segm_AP"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def tensorboard_dir(workdir: str) -> str:
+    return os.path.join(workdir, "tensorboard")
+
+
+def log_file(workdir: str) -> str:
+    """WORKDIR/logs/log.txt (its folder created)."""
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    return os.path.join(workdir, "logs", "log.txt")
+
+
+def step_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def eval_file(workdir: str, step: int, suffix: str) -> str:
+    """WORKDIR/eval/step_XXXXXXXX_{suffix} (its folder created)."""
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    return os.path.join(workdir, "eval", f"{step_name(step)}_{suffix}")
+
+
+def overlay_dir(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "overlays", step_name(step))
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: is {workdir} a training or import workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def write_categories(workdir: str, categories: CategoryMap) -> None:
+    """The label map of a workdir's model, so that prediction needs neither the dataset nor its build."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CATEGORIES_FILE), "w") as f:
+        json.dump(categories.to_json(), f, indent=2)
+
+
+def numbered_categories(count: int) -> CategoryMap:
+    """Category ids 1..count named class_1.. (when a model's label map is unknown)."""
+    return CategoryMap(tuple(range(1, count + 1)), tuple(f"class_{k}" for k in range(1, count + 1)))
+
+
+def read_categories(workdir: str, config: ml_collections.ConfigDict) -> CategoryMap:
+    """WORKDIR/categories.json; else the built dataset's map; else labels 1..K named by number (logged)."""
+    path = os.path.join(workdir, CATEGORIES_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return CategoryMap.from_json(json.load(f))
+    try:
+        from maskrcnn_jax.data import coco_dataset
+
+        return coco_dataset.load_category_map(coco_dataset.get_builder(config.data))
+    except Exception as e:  # no dataset here: the names are unknown, the ids are the labels
+        logging.warning("no %s in %s and no built dataset (%s): naming classes by label", CATEGORIES_FILE, workdir, e)
+        return numbered_categories(config.model.num_classes - 1)
+
+
+def append_eval_metrics(workdir: str, step: int, metrics: Mapping[str, float]) -> None:
+    with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+
+def read_eval_metrics(workdir: str) -> list[dict[str, float]]:
+    """The lines of WORKDIR/eval_metrics.jsonl, oldest first."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def best_step(workdir: str, available: Iterable[int], latest: int) -> int:
+    """The available checkpoint with the best BEST_METRIC in eval_metrics.jsonl, else `latest`."""
+    available = set(available)
+    evaluated = [m for m in read_eval_metrics(workdir) if m["step"] in available and BEST_METRIC in m]
+    if evaluated:
+        return int(max(evaluated, key=lambda m: m[BEST_METRIC])["step"])
+    return int(latest)

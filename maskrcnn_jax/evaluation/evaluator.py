@@ -1,0 +1,122 @@
+"""COCO evaluation of any predict function over the evaluation split (detectron2's inference_on_dataset, big_vision's
+evaluators): it knows nothing of training.
+
+Each process predicts, pastes and RLE-encodes only its own shard of the split; process 0 gathers the results, runs
+COCOeval once and writes the files, and every process returns the same metrics. Into the workdir go
+    eval/step_XXXXXXXX_results.json     the COCO results JSON (bbox and segmentation per detection)
+    eval/step_XXXXXXXX_per_class.txt    a per-class AP table (AP@[.5:.95], all areas, maxDets = eval.max_dets)
+    eval_metrics.jsonl                  one appended line: {"step", "bbox_AP", ..., "segm_ARl"} (coco.METRIC_KEYS)
+and, with eval.num_overlays > 0, overlay PNGs of the first validation images in overlays/step_XXXXXXXX/.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from pycocotools.coco import COCO
+
+from maskrcnn_jax.data import pipeline
+from maskrcnn_jax.data.coco_format import CategoryMap
+from maskrcnn_jax.data.transforms import InputOptions
+from maskrcnn_jax.engine import parallel, workdir as workdir_lib
+from maskrcnn_jax.evaluation import coco
+from maskrcnn_jax.serving import visualize
+
+# The fields of an evaluation batch that a predict function reads.
+PREDICT_INPUTS = ("image", "image_size")
+# predict_fn(this process' rows of an eval batch) -> this process' rows of MaskRCNN.predict's outputs.
+PredictFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def ground_truth_json(sources: Mapping[str, Any], builder, split: str) -> str:
+    """The annotation JSON of the evaluation split: the configured val_json, else the one the dataset was built
+    from."""
+    if sources.get("val_json"):
+        return sources["val_json"]
+    built_from = builder.info.metadata.get("sources", {})
+    if split in built_from:
+        return built_from[split]["json"]
+    raise ValueError(f"no annotation JSON for split '{split}': set data.val_json")
+
+
+class CocoEvaluator:
+    """Scores a predict function on the eval split with COCOeval (see the module doc)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, builder, sources: Mapping[str, Any],
+                 categories: CategoryMap, workdir: str):
+        self.config = config
+        self.builder = builder
+        self.sources = dict(sources)
+        self.categories = categories
+        self.workdir = workdir
+        self.options = InputOptions.from_config(config.data)
+        self._coco_gt = None
+
+    def coco_gt(self) -> COCO:
+        if self._coco_gt is None:
+            path = ground_truth_json(self.sources, self.builder, self.config.data.eval_split)
+            self._coco_gt = coco.quiet(COCO, path)
+        return self._coco_gt
+
+    def local_predictions(self, predict_fn: PredictFn) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
+        """(predictions, metadata) of each real example of this process' shard of the split."""
+        local_batch_size = self.config.eval.batch_size // jax.process_count()
+        batches = pipeline.eval_batches(self.builder, self.options, batch_size=local_batch_size,
+                                        shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                        split=self.config.data.eval_split)
+        for local in batches:
+            outputs = predict_fn({k: local[k] for k in PREDICT_INPUTS})
+            for i in np.flatnonzero(local["example_valid"]):
+                yield ({k: np.asarray(v[i]) for k, v in outputs.items()},
+                       {"image_id": int(local["image_id"][i]), "image_size": local["image_size"][i],
+                        "original_size": local["original_size"][i]})
+
+    def evaluate(self, predict_fn: PredictFn, step: int) -> dict[str, float]:
+        """Predicts, scores, writes the files (process 0) and returns {coco.METRIC_KEYS: value} on every process."""
+        c = self.config.eval
+        results, image_ids, overlays = [], [], []
+        for prediction, meta in self.local_predictions(predict_fn):
+            image_results, detections = coco.detections_to_results(
+                prediction, meta["image_id"], meta["image_size"], meta["original_size"], self.categories,
+                c.mask_threshold, c.mask_paste)
+            results.extend(image_results)
+            image_ids.append(meta["image_id"])
+            if len(overlays) < c.num_overlays:
+                overlays.append((meta["image_id"], detections))
+        gathered = parallel.gather_to_all({"results": results, "image_ids": image_ids})
+        metrics = np.zeros(len(coco.METRIC_KEYS), np.float64)
+        if jax.process_index() == 0:
+            results = [r for part in gathered for r in part["results"]]
+            image_ids = [i for part in gathered for i in part["image_ids"]]
+            values, per_class = coco.coco_metrics(self.coco_gt(), results, image_ids, c.max_dets)
+            metrics = np.asarray([values[k] for k in coco.METRIC_KEYS], np.float64)
+            self._write(step, results, values, per_class, overlays)
+            logging.info("evaluation at step %d on %d images: box AP %.4f, mask AP %.4f", step, len(image_ids),
+                         values["bbox_AP"], values["segm_AP"])
+        if jax.process_count() > 1:
+            metrics = np.asarray(multihost_utils.broadcast_one_to_all(metrics))
+        return {k: float(v) for k, v in zip(coco.METRIC_KEYS, metrics)}
+
+    def _write(self, step, results, metrics, per_class, overlays):
+        with open(workdir_lib.eval_file(self.workdir, step, "results.json"), "w") as f:
+            json.dump(results, f)
+        table = coco.format_per_class_table(per_class, self.categories)
+        with open(workdir_lib.eval_file(self.workdir, step, "per_class.txt"), "w") as f:
+            f.write(table)
+        logging.info("per-class AP at step %d:\n%s", step, table)
+        workdir_lib.append_eval_metrics(self.workdir, step, {k: metrics[k] for k in coco.METRIC_KEYS})
+        if overlays:
+            out_dir = workdir_lib.overlay_dir(self.workdir, step)
+            visualize.write_overlays(out_dir, overlays, self.coco_gt(),
+                                     self.sources.get("val_images") or self._built_images_dir(), self.categories,
+                                     self.config.eval.overlay_score_threshold)
+            logging.info("wrote %d overlay pictures to %s", len(overlays), out_dir)
+
+    def _built_images_dir(self) -> str:
+        return self.builder.info.metadata["sources"][self.config.data.eval_split]["images"]
