@@ -269,6 +269,23 @@ def test_one_sample_per_cell_reads_roi_pools_cells(rng, roi_reduce):
     np.testing.assert_array_equal(np.asarray(got[1, 2]), features[1, y : y + oh, x : x + ow])
 
 
+@pytest.mark.parametrize("op,roi_reduce,aligned", [ALIGN_MAX, WARP_MAX])
+def test_each_bin_sends_its_cotangent_once(rng, op, roi_reduce, aligned):
+    """Every sample within a cell of the map has bilinear weights summing to 1, so the feature gradient sums to
+    the cotangent's sum. Boxes hugging the border put several samples of a bin on the same clamped cell: exact
+    ties between samples with the same neighbours, which must still send the bin's cotangent once (XLA recomputes
+    the argmax inside the backward; copies that broke such a tie differently once sent it twice)."""
+    features = rng.standard_normal((2, 9, 12, 3)).astype(F32)
+    low = rng.uniform(-0.5, 0.3, (2, 12, 2))
+    extent = np.exp(rng.uniform(np.log(0.3), np.log(12.0), (2, 12, 2)))
+    high = np.minimum(low + extent, [11.4, 8.4])  # RoIWarp's last cell rounds to the map's last
+    boxes = (np.concatenate([low, high], axis=-1) * 4.0).astype(F32)  # feature cells -> input pixels
+    cotangent = rng.standard_normal((2, 12, 4, 3, 3)).astype(F32)
+    fn, _ = op_and_reference(op, roi_reduce, aligned, (4, 3), 0.25, 2)
+    _, grad = vjp_jit(lambda f: fn(f, jnp.asarray(boxes)))(jnp.asarray(features), jnp.asarray(cotangent))
+    np.testing.assert_allclose(np.asarray(grad).sum(axis=(1, 2)), cotangent.sum(axis=(1, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
 def test_max_ties_send_the_gradient_to_the_first_maximal_sample(rng):
     """Integer features and samples exactly on cell centres (2 x 2 cells per bin, 2 x 2 samples): the 4 samples
     of a bin often tie, and the whole cotangent goes to the first one in row-major sample order."""
