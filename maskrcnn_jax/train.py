@@ -31,6 +31,28 @@ from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, build_model
 MODEL_INPUTS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_is_crowd", "gt_valid", "gt_masks")
 
 
+def model_inputs(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """MODEL_INPUTS, with gt_keypoints when the keypoint head trains."""
+    return MODEL_INPUTS + (("gt_keypoints",) if model_config.keypoint_on else ())
+
+
+def check_dataset_fits_model(config: ml_collections.ConfigDict, builder, categories) -> None:
+    """The model's class count (and keypoint count) must be the dataset's; the error says what to set."""
+    if config.model.num_classes != categories.num_classes + 1:
+        raise ValueError(f"model.num_classes is {config.model.num_classes} but the dataset has "
+                         f"{categories.num_classes} categories: set --config.model.num_classes="
+                         f"{categories.num_classes + 1} (the background counts)")
+    if not config.model.keypoint_on:
+        return
+    schema = coco_dataset.load_keypoint_schema(builder)
+    if schema is None:
+        raise ValueError(f"model.keypoint_on is set but dataset {builder.data_dir} has no keypoint annotations")
+    if config.model.keypoint_head.num_keypoints != schema.num_keypoints:
+        raise ValueError(f"model.keypoint_head.num_keypoints is {config.model.keypoint_head.num_keypoints} but the "
+                         f"dataset has {schema.num_keypoints} keypoint types: set "
+                         f"--config.model.keypoint_head.num_keypoints={schema.num_keypoints}")
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: MaskRCNN,
                tx: optax.GradientTransformation, schedule: Callable, ema_decay: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -109,10 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.local_batch_size(config.eval.batch_size, "eval.batch_size", mesh)
     builder, sources = datasets.prepare_dataset(config)
     categories = coco_dataset.load_category_map(builder)
-    if config.model.num_classes != categories.num_classes + 1:
-        raise ValueError(f"model.num_classes is {config.model.num_classes} but the dataset has "
-                         f"{categories.num_classes} categories: set --config.model.num_classes="
-                         f"{categories.num_classes + 1} (the background counts)")
+    check_dataset_fits_model(config, builder, categories)
     if jax.process_index() == 0 and not config.train.eval_only:
         workdir_lib.write_config(workdir, config)
         workdir_lib.write_categories(workdir, categories)
@@ -145,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       shard_index=jax.process_index(), shard_count=jax.process_count(),
                                       start_batch=batches_consumed, split=config.data.train_split)
     step_fn = jit_train_step(model, tx, config, mesh)
+    inputs = model_inputs(config.model)
     writer = progress.MetricWriter(workdir_lib.tensorboard_dir(workdir))
     start_step = int(jax.device_get(state.step))
     num_steps = config.train.num_steps
@@ -157,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         for step in range(start_step + 1, num_steps + 1):
             local = next(iterator)
-            state, step_metrics = step_fn(state, parallel.global_batch(local, mesh, MODEL_INPUTS))
+            state, step_metrics = step_fn(state, parallel.global_batch(local, mesh, inputs))
             log.add(step, step_metrics, local["image_id"])
             is_last = step == num_steps
             if step % config.train.log_every == 0 or is_last:

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from maskrcnn_jax import ops, predict, train
-from maskrcnn_jax.data import transforms
+from maskrcnn_jax.data import image_resize, pipeline, transforms
 from maskrcnn_jax.engine import checkpointing, workdir as workdir_lib
 from maskrcnn_jax.serving import host as inference_io
 from maskrcnn_jax.serving.export import export_predictor
@@ -54,21 +54,38 @@ def assert_results_equal(a, b):
 # Host-side preparation against the evaluation pipeline and ops.paste_masks.
 
 
+@pytest.mark.parametrize("eval_canvas", ["fixed", "padded"])
 @pytest.mark.parametrize("rounding", ["round", "floor"])
 @pytest.mark.parametrize("short_side", [None, 48])
-def test_prepared_canvas_equals_the_eval_pipeline(rng, rounding, short_side):
+def test_prepared_canvas_equals_the_eval_pipeline(rng, rounding, short_side, eval_canvas):
+    """The host's canvas equals the evaluation pipeline's, to the pixel: the same resized window and, with padded
+    canvases, the same canvas, the one pipeline.eval_canvases plans the example's batch on."""
     options = transforms.InputOptions(canvas_size=(96, 112), short_side=short_side,
-                                      long_side_max=None if short_side is None else 90, size_rounding=rounding)
+                                      long_side_max=None if short_side is None else 90, size_rounding=rounding,
+                                      eval_canvas=eval_canvas, size_divisibility=16)
     spec = inference_io.InferenceSpec((96, 112), options.short_side, options.long_side_max, rounding,
-                                      options.pixel_mean, options.pixel_std, 0.5, "detectron2", 1, (1,), ("thing",))
-    for height, width in [(37, 101), (300, 211), (15, 12)]:
+                                      options.pixel_mean, options.pixel_std, 0.5, "detectron2", 1, (1,), ("thing",),
+                                      eval_canvas=eval_canvas, size_divisibility=16)
+    canvases = set()
+    for height, width in [(37, 101), (300, 211), (15, 12), (200, 70)]:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         encoded = io.BytesIO()
         Image.fromarray(image).save(encoded, format="PNG")
-        expected = transforms.eval_example({"image": encoded.getvalue(), "image_id": 1}, options, False)
+        (canvas,) = pipeline.eval_canvases(np.asarray([[height, width]]), options)
+        expected = transforms.eval_example({"image": encoded.getvalue(), "image_id": 1}, options, False,
+                                           canvas_size=tuple(canvas))
         prepared = inference_io.prepare_image(image, spec)
         assert prepared.image_size == tuple(expected["image_size"].numpy())
+        assert prepared.canvas.shape[:2] == tuple(canvas)
         np.testing.assert_allclose(prepared.canvas, expected["image"].numpy(), atol=2e-5)
+        canvases.add(tuple(canvas))
+        if eval_canvas == "padded":
+            assert all(side % 16 == 0 for side in canvas)
+            assert all(0 <= c - s < 16 for c, s in zip(canvas, prepared.image_size))
+    if eval_canvas == "fixed":
+        assert canvases == {(96, 112)}
+    else:
+        assert len(canvases) >= 3
 
 
 def test_paste_masks_equals_ops_paste_masks(rng):
@@ -156,6 +173,151 @@ def test_score_threshold_only_filters(predictor, rng):
     assert 0 < len(kept["scores"]) < len(everything["scores"])
     np.testing.assert_array_equal(kept["scores"], everything["scores"][selected])
     np.testing.assert_array_equal(kept["masks"], everything["masks"][selected])
+
+
+def fake_network(calls):
+    """A run_batch without a network: one detection per image whose box is the image's window and whose score
+    encodes the window's height and width, so a result shows which image it came from. Records each batch's shape
+    and window sizes in `calls`."""
+
+    def run_batch(canvases, image_sizes):
+        calls.append((canvases.shape, image_sizes.tolist()))
+        batch = len(canvases)
+        boxes = np.zeros((batch, 2, 4), np.float32)
+        boxes[:, 0, 2], boxes[:, 0, 3] = image_sizes[:, 1], image_sizes[:, 0]
+        scores = np.zeros((batch, 2), np.float32)
+        scores[:, 0] = (image_sizes[:, 0] * 1000 + image_sizes[:, 1]) / 1e6
+        return {"boxes": boxes, "scores": scores, "classes": np.ones((batch, 2), np.int32),
+                "masks": np.ones((batch, 2, 4, 4), np.float32), "valid": np.asarray([[True, False]] * batch)}
+
+    return run_batch
+
+
+def test_images_are_grouped_by_canvas_and_returned_in_input_order():
+    spec = inference_io.InferenceSpec((64, 64), 32, 64, "round", (0.0,) * 3, (1.0,) * 3, 0.5, "detectron2", 2,
+                                      (1,), ("thing",), eval_canvas="padded", size_divisibility=32)
+    # Resized (short side 32, long side <= 64) to 32 x 48, 48 x 32 or 32 x 32: canvases (32, 64), (64, 32), (32, 32).
+    sizes = [(20, 30), (30, 20), (40, 40), (20, 30), (30, 20), (10, 15), (50, 50), (60, 40), (33, 33)]
+    images = [np.zeros((h, w, 3), np.uint8) for h, w in sizes]
+    calls = []
+    results = list(inference_io.predict_images(images, fake_network(calls), spec, 0.0))
+    assert len(results) == len(images)
+    for (height, width), result in zip(sizes, results):  # each result is its own image's, in input order
+        assert result["masks"].shape[1:] == (height, width)
+        np.testing.assert_allclose(result["boxes"][0], [0, 0, width, height], rtol=1e-6)
+    # Every batch has one canvas, holding the windows of that canvas only; partial groups ran filled up.
+    for shape, windows in calls:
+        assert shape[0] == 2
+        assert {spec.canvas_for(w) for w in windows} == {shape[1:3]}
+    assert sorted(shape[1:3] for shape, _ in calls) == [(32, 32), (32, 32), (32, 64), (32, 64), (64, 32),
+                                                        (64, 32)]
+    # A window of 3 images: the oldest waiting image's group runs, filled up, before the next image is read.
+    calls.clear()
+    seen = []
+
+    def stream():
+        for image in images:
+            seen.append(len(calls))
+            yield image
+
+    window_results = list(inference_io.predict_images(stream(), fake_network(calls), spec, 0.0, window=3))
+    assert [r["boxes"].tolist() for r in window_results] == [r["boxes"].tolist() for r in results]
+    assert seen[3] >= 1  # image 0 (canvas (32, 64)) could not wait for image 3 of its canvas
+    assert len(calls) > 6
+
+
+@pytest.fixture(scope="module")
+def padded_predictor(predictor):
+    """The tiny model on padded canvases: short side 32, long side <= 64, canvases multiples of 32."""
+    config = predictor.config.copy_and_resolve_references()
+    config.data.eval_canvas = "padded"
+    config.data.short_side, config.data.long_side_max = 32, 64
+    return Predictor(config, predictor.variables, predictor.categories)
+
+
+def test_padded_canvases_compile_once_each_and_batches_equal_single_images(padded_predictor, rng):
+    images = [photo(rng, 60, 90), photo(rng, 90, 60), photo(rng, 64, 64), photo(rng, 40, 62), photo(rng, 91, 59)]
+    alone = [padded_predictor(image, score_threshold=0.0) for image in images]
+    assert sorted(padded_predictor.compiled_shapes) == [(1, 32, 32, 3), (1, 32, 64, 3), (1, 64, 32, 3)]
+    batched = Predictor(padded_predictor.config, padded_predictor.variables, padded_predictor.categories,
+                        batch_size=2)
+    for expected, actual in zip(alone, batched(images, score_threshold=0.0)):
+        assert_results_equal(expected, actual)
+    assert sorted(batched.compiled_shapes) == [(2, 32, 32, 3), (2, 32, 64, 3), (2, 64, 32, 3)]
+    # Each image ran on its own canvas: the network on that canvas, called directly, gives the same detections.
+    prepared = inference_io.prepare_image(images[0], padded_predictor.spec)
+    assert prepared.canvas.shape == (32, 64, 3)
+    outputs = padded_predictor.run_batch(prepared.canvas[None], np.asarray([prepared.image_size], np.int32))
+    direct = inference_io.image_results({k: v[0] for k, v in outputs.items()}, prepared, padded_predictor.spec, 0.0)
+    assert_results_equal(direct, alone[0])
+
+
+def test_canvas_sides_bound_the_compiles(padded_predictor, rng):
+    config = padded_predictor.config.copy_and_resolve_references()
+    config.data.eval_canvas_sides = (64,)
+    bucketed = Predictor(config, padded_predictor.variables, padded_predictor.categories)
+    images = [photo(rng, 60, 90), photo(rng, 90, 60), photo(rng, 64, 64), photo(rng, 20, 70)]
+    results = bucketed(images, score_threshold=0.0)
+    assert bucketed.compiled_shapes == [(1, 64, 64, 3)]
+    assert all(len(r["scores"]) > 0 for r in results)
+
+
+def test_the_exported_padded_model_matches_the_predictor(padded_predictor, tmp_path, rng):
+    with pytest.raises(ValueError, match="canvases"):
+        export_predictor(padded_predictor, str(tmp_path / "unnamed"))
+    out = export_predictor(padded_predictor, str(tmp_path / "exported"), canvases=[(32, 64), (64, 32), (64, 64)])
+    loaded = ExportedModel(out)
+    assert loaded.spec == padded_predictor.spec and loaded.canvases == [(32, 64), (64, 32), (64, 64)]
+    images = [photo(rng, 60, 90), photo(rng, 90, 60)]
+    for expected, actual in zip(padded_predictor(images, score_threshold=0.0), loaded(images, score_threshold=0.0)):
+        assert_results_equal(expected, actual)
+    # A canvas that was not exported (32 x 32) runs on the smallest exported one holding it, and says so.
+    with pytest.warns(UserWarning, match=r"canvas \(32, 32\) was not exported: running on \(32, 64\)"):
+        result = loaded(photo(rng, 64, 64), score_threshold=0.0)
+    assert result["masks"].shape[1:] == (64, 64)
+    # Every pair of eval_canvas_sides by default; a second export into the directory replaces the first's functions.
+    config = padded_predictor.config.copy_and_resolve_references()
+    config.data.eval_canvas_sides = (32, 64)
+    export_predictor(Predictor(config, padded_predictor.variables, padded_predictor.categories), out)
+    assert ExportedModel(out).canvases == [(32, 32), (32, 64), (64, 32), (64, 64)]
+
+
+def test_padded_evaluation_equals_the_padded_predictor(workdir, padded_predictor, tmp_path):
+    """Evaluation on padded canvases (grouped by canvas in the pipeline, through train.make_predict_fn) gives each
+    image the Predictor's detections, so an imported model's AP is the AP of the peer's own predictions."""
+    import functools
+
+    import jax
+    import tensorflow as tf
+
+    from maskrcnn_jax.engine import datasets, parallel
+    from maskrcnn_jax.evaluation import coco
+    from maskrcnn_jax.evaluation.evaluator import CocoEvaluator
+
+    config = padded_predictor.config
+    builder, sources = datasets.prepare_dataset(config)
+    evaluator = CocoEvaluator(config, builder, sources, padded_predictor.categories, str(tmp_path))
+    predict = functools.partial(train.make_predict_fn(padded_predictor.model, parallel.make_mesh(jax.devices()[:1])),
+                                padded_predictor.variables)
+    files = {image["id"]: image["file_name"] for image in evaluator.coco_gt().dataset["images"]}
+    images_dir = sources.get("val_images") or evaluator._built_images_dir()
+    count = 0
+    for prediction, meta in evaluator.local_predictions(predict):
+        _, detections = coco.detections_to_results(prediction, meta["image_id"], meta["image_size"],
+                                                   meta["original_size"], padded_predictor.categories,
+                                                   config.eval.mask_threshold, config.eval.mask_paste)
+        # The pipeline's own decoder, so that both sides start from the same pixels.
+        pixels = tf.io.decode_image(tf.io.read_file(os.path.join(images_dir, files[meta["image_id"]])),
+                                    channels=3).numpy()
+        expected = padded_predictor(pixels, score_threshold=0.0)
+        order = np.argsort(-detections["scores"], kind="stable")
+        np.testing.assert_allclose(detections["boxes"][order], expected["boxes"], atol=1e-3)
+        np.testing.assert_allclose(detections["scores"][order], expected["scores"], atol=1e-5)
+        np.testing.assert_array_equal(padded_predictor.categories.label_to_category_id_array()[
+            detections["labels"][order]], expected["labels"])
+        assert (detections["masks"][order] != expected["masks"]).mean() < 1e-3
+        count += 1
+    assert count == len(files)
 
 
 def test_from_checkpoint_takes_the_best_evaluated_step(workdir, tmp_path):

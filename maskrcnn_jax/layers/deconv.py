@@ -1,9 +1,11 @@
-"""The 2x2 stride-2 transposed convolution of the mask head, as one matmul and a pixel shuffle."""
+"""Transposed convolutions: the mask head's 2x2 stride-2 one as one matmul and a pixel shuffle, and the general
+PyTorch ConvTranspose2d the keypoint head needs (4x4, stride 2)."""
 
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 
 class Deconv2x2(nn.Module):
@@ -27,3 +29,29 @@ class Deconv2x2(nn.Module):
         y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
         n, h, _, w, _, o = y.shape
         return y.reshape(n, 2 * h, 2 * w, o) + bias
+
+
+class ConvTranspose(nn.Module):
+    """PyTorch's ConvTranspose2d(in, features, kernel_size, stride, padding) in NHWC: output side
+    (side - 1) * stride - 2 * padding + kernel_size. Computed as a convolution of the stride-dilated input with the
+    spatially flipped kernel, padded by kernel_size - 1 - padding. The kernel is stored [k, k, in, features]:
+    torchvision's weight [in, features, k, k] transposed (2, 3, 0, 1), no flip."""
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    kernel_init: Any = nn.initializers.lecun_normal()
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        edge = k - 1 - self.padding
+        y = lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((edge, edge), (edge, edge)),
+                                     lhs_dilation=(self.stride, self.stride),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias

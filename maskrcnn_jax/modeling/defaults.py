@@ -12,6 +12,10 @@ def model_config() -> ml_collections.ConfigDict:
     # absent, as detectron2 and torchvision do. Crowd regions are never foreground either way.
     c.crowd_regions = "ignore"
     c.crowd_ioa_threshold = 0.7
+    # Which branches beside the box head: masks (Mask R-CNN) and keypoints (the paper's section 5; detectron2's
+    # MASK_ON and KEYPOINT_ON). The paper's Table 4 rows are keypoint_on with mask_on True or False.
+    c.mask_on = True
+    c.keypoint_on = False
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.depth = 50
@@ -57,6 +61,14 @@ def model_config() -> ml_collections.ConfigDict:
     # The mask head runs on the smallest of this many prefix sizes (128, 64, 32, 16) that holds every positive RoI
     # of the batch; 1 = always the full batch_size_per_image * positive_fraction. Same loss either way.
     c.roi_heads.mask_roi_buckets = 4
+
+    c.keypoint_head = ml_collections.ConfigDict()
+    c.keypoint_head.num_keypoints = 17  # the dataset's K (COCO's 17 people keypoints)
+    c.keypoint_head.conv_dim = 512
+    c.keypoint_head.num_convs = 8
+    c.keypoint_head.pool_size = 14  # RoIAlign output; the heatmaps are 4x this (56 x 56)
+    c.keypoint_head.loss_normalization = "visible"  # visible | fixed (modeling.mask_rcnn.KEYPOINT_LOSS_NORMALIZATIONS)
+    c.keypoint_head.loss_weight = 1.0
 
     c.detection = ml_collections.ConfigDict()
     c.detection.score_threshold = 0.05

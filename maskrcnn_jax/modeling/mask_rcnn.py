@@ -16,10 +16,15 @@ import ml_collections
 from maskrcnn_jax import ops
 from maskrcnn_jax.modeling.fpn import ResNetFPN
 from maskrcnn_jax.modeling.heads import BoxHead, FCNMaskHead, MLPMaskHead
+from maskrcnn_jax.modeling.keypoint_head import KeypointHead
 from maskrcnn_jax.modeling.roi_heads import box_head_losses, detect, sample_rois
 from maskrcnn_jax.modeling.rpn import RPNHead, propose, rpn_losses
 
 MASK_SIZE = 28
+# "visible": detectron2's default (sum over the visible keypoints inside positive RoIs divided by their count in
+# the batch), which equals torchvision's mean; "fixed": detectron2's NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS=False,
+# divided by num_images * batch_size_per_image * positive_fraction * K (use it with loss_weight 4).
+KEYPOINT_LOSS_NORMALIZATIONS = ("visible", "fixed")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -45,6 +50,15 @@ class MaskRCNN(nn.Module):
         )
         self.rpn_head = RPNHead(num_anchors=len(c.anchors.aspect_ratios), dtype=dtype)
         self.box_head = BoxHead(num_classes=c.num_classes, fc_dim=c.roi_heads.fc_dim, dtype=dtype)
+        if c.keypoint_on:
+            k = c.keypoint_head
+            if k.loss_normalization not in KEYPOINT_LOSS_NORMALIZATIONS:
+                raise ValueError(f"keypoint_head.loss_normalization must be one of {KEYPOINT_LOSS_NORMALIZATIONS}, "
+                                 f"got {k.loss_normalization!r}")
+            self.keypoint_head = KeypointHead(num_keypoints=k.num_keypoints, conv_dim=k.conv_dim,
+                                              num_convs=k.num_convs, dtype=dtype)
+        if not c.mask_on:
+            return
         num_masks = 1 if c.roi_heads.class_agnostic_mask else c.num_classes
         if c.roi_heads.mask_head == "fcn":
             self.mask_head = FCNMaskHead(
@@ -158,52 +172,84 @@ class MaskRCNN(nn.Module):
         class_logits, box_deltas = self.box_head(self._pool(pyramid, sampled["rois"], r.box_pool_size))
         losses.update(box_head_losses(class_logits, box_deltas, sampled, gt_boxes, box_loss_beta=r.box_loss_beta))
 
-        losses["mask"] = self._mask_loss(pyramid, sampled, batch["gt_masks"], gt_boxes)
+        if c.mask_on or c.keypoint_on:
+            ground_truth = {"gt_boxes": gt_boxes}
+            if c.mask_on:
+                ground_truth["gt_masks"] = batch["gt_masks"]
+            if c.keypoint_on:
+                ground_truth["gt_keypoints"] = batch["gt_keypoints"].astype(jnp.float32)
+            losses.update(self._positive_roi_losses(pyramid, sampled, ground_truth))
         losses = {name: value.astype(jnp.float32) for name, value in losses.items()}
         return sum(losses.values()), losses
 
-    def _mask_loss(self, pyramid, sampled, gt_masks, gt_boxes):
-        """The mask loss over the positive RoIs, computed on the smallest bucket of RoIs that holds them all.
+    def _positive_roi_losses(self, pyramid, sampled, ground_truth):
+        """The mask and keypoint losses, which only positive RoIs carry, computed on the smallest bucket of RoIs
+        that holds them all.
 
         Positives come first in the sample, so a fixed-size prefix of it holds every one. The cap is
         batch_size_per_image * positive_fraction (128): a static size, as in the TF Model Garden. Torchvision and
-        detectron2 instead run the mask head on exactly the positives (often a few dozen). A lax.switch over
-        prefix sizes (16, 32, 64, 128 by default) gives the same loss and gradients while paying only for the
-        smallest prefix that holds every positive of the batch; each size is compiled once, with the train step.
+        detectron2 instead run the mask and keypoint heads on exactly the positives (often a few dozen). A
+        lax.switch over prefix sizes (16, 32, 64, 128 by default) gives the same losses and gradients while paying
+        only for the smallest prefix that holds every positive of the batch; each size is compiled once, with the
+        train step.
         """
         r = self.config.roi_heads
-        num_mask_rois = int(r.batch_size_per_image * r.positive_fraction)
-        sizes = mask_roi_buckets(num_mask_rois, r.mask_roi_buckets)
+        num_positive_rois = int(r.batch_size_per_image * r.positive_fraction)
+        sizes = mask_roi_buckets(num_positive_rois, r.mask_roi_buckets)
 
         def on_prefix(size):
-            return lambda module, *operands: module._mask_loss_on_prefix(size, *operands)
+            return lambda module, *operands: module._positive_roi_losses_on_prefix(size, *operands)
 
-        operands = (pyramid, sampled, gt_masks, gt_boxes)
+        operands = (pyramid, sampled, ground_truth)
         if len(sizes) == 1:
             return on_prefix(sizes[0])(self, *operands)
-        num_positive = jnp.max(jnp.sum(sampled["positive"][:, :num_mask_rois], axis=1))
+        num_positive = jnp.max(jnp.sum(sampled["positive"][:, :num_positive_rois], axis=1))
         bucket = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), num_positive), len(sizes) - 1)
         return nn.switch(bucket, [on_prefix(size) for size in sizes], self, *operands)
 
-    def _mask_loss_on_prefix(self, size, pyramid, sampled, gt_masks, gt_boxes):
-        r = self.config.roi_heads
-        mask_rois = sampled["rois"][:, :size]
-        mask_classes = sampled["classes"][:, :size]
-        mask_valid = sampled["positive"][:, :size]
-        mask_logits = self.mask_head(self._pool(pyramid, mask_rois, r.mask_pool_size))
-        targets = jax.vmap(ops.mask_targets_from_cropped, in_axes=(0, 0, 0, 0, None))(
-            gt_masks, gt_boxes, mask_rois, sampled["matched_gt"][:, :size], MASK_SIZE
-        )
-        mask_loss = ops.sigmoid_mask_loss if r.mask_loss == "sigmoid" else ops.softmax_mask_loss
+    def _positive_roi_losses_on_prefix(self, size, pyramid, sampled, ground_truth):
+        c = self.config
+        r = c.roi_heads
+        rois = sampled["rois"][:, :size]
+        positive = sampled["positive"][:, :size]
+        matched = sampled["matched_gt"][:, :size]
         flat = lambda x: x.reshape(-1, *x.shape[2:])
-        return mask_loss(flat(mask_logits), flat(targets), flat(mask_classes), flat(mask_valid))
+        losses = {}
+        if c.mask_on:
+            mask_logits = self.mask_head(self._pool(pyramid, rois, r.mask_pool_size))
+            targets = jax.vmap(ops.mask_targets_from_cropped, in_axes=(0, 0, 0, 0, None))(
+                ground_truth["gt_masks"], ground_truth["gt_boxes"], rois, matched, MASK_SIZE
+            )
+            mask_loss = ops.sigmoid_mask_loss if r.mask_loss == "sigmoid" else ops.softmax_mask_loss
+            losses["mask"] = mask_loss(flat(mask_logits), flat(targets), flat(sampled["classes"][:, :size]),
+                                       flat(positive))
+        if c.keypoint_on:
+            losses["keypoint"] = self._keypoint_loss(pyramid, rois, positive, matched, ground_truth["gt_keypoints"])
+        return losses
+
+    def _keypoint_loss(self, pyramid, rois, positive, matched, gt_keypoints):
+        """Cross-entropy over the m x m positions of each visible keypoint inside its positive RoI (the matched
+        ground truth's keypoints as one-hot masks), normalised as keypoint_head.loss_normalization says, times
+        keypoint_head.loss_weight."""
+        c = self.config
+        k = c.keypoint_head
+        logits = self.keypoint_head(self._pool(pyramid, rois, k.pool_size))
+        keypoints = jnp.take_along_axis(gt_keypoints, matched[:, :, None, None], axis=1)
+        target_index, valid = ops.keypoint_targets(keypoints, rois, logits.shape[-2])
+        valid = valid & positive[..., None]
+        normalizer = None
+        if k.loss_normalization == "fixed":
+            normalizer = ops.detectron2_keypoint_loss_normalizer(
+                rois.shape[0], k.num_keypoints, c.roi_heads.batch_size_per_image, c.roi_heads.positive_fraction)
+        return k.loss_weight * ops.keypoint_loss(logits, target_index, valid, "detectron2", normalizer)
 
     # -- inference -------------------------------------------------------------------------------------------
 
     def predict(self, images, image_sizes):
         """images [B, H, W, 3] (normalised, padded canvas), image_sizes [B, 2] (h, w of the image inside it).
-        Returns boxes [B, D, 4] (canvas pixels), scores [B, D], classes [B, D] (1..num_classes-1),
-        masks [B, D, 28, 28] (probabilities of the predicted class), valid [B, D]."""
+        Returns boxes [B, D, 4] (canvas pixels), scores [B, D], classes [B, D] (1..num_classes-1), valid [B, D],
+        with mask_on masks [B, D, 28, 28] (probabilities of the predicted class), and with keypoint_on
+        keypoint_heatmaps [B, D, m, m, K] (logits; serving/keypoints.py decodes them in each box)."""
         c = self.config
         levels = self._features(images, train=False)
         _, _, proposals, proposal_valid = self._proposals(levels, images, image_sizes, train=False)
@@ -220,12 +266,16 @@ class MaskRCNN(nn.Module):
                 min_size=d.min_size,
             )
         )(class_logits, box_deltas, proposals, proposal_valid, image_sizes)
-        mask_logits = self.mask_head(self._pool(pyramid, boxes, c.roi_heads.mask_pool_size))
-        if c.roi_heads.mask_loss == "softmax":
-            masks = self._select_mask_channel(jax.nn.softmax(mask_logits, axis=-1), classes)
-        else:
-            masks = jax.nn.sigmoid(self._select_mask_channel(mask_logits, classes))
-        return {"boxes": boxes, "scores": scores, "classes": classes, "masks": masks, "valid": valid}
+        out = {"boxes": boxes, "scores": scores, "classes": classes, "valid": valid}
+        if c.mask_on:
+            mask_logits = self.mask_head(self._pool(pyramid, boxes, c.roi_heads.mask_pool_size))
+            if c.roi_heads.mask_loss == "softmax":
+                out["masks"] = self._select_mask_channel(jax.nn.softmax(mask_logits, axis=-1), classes)
+            else:
+                out["masks"] = jax.nn.sigmoid(self._select_mask_channel(mask_logits, classes))
+        if c.keypoint_on:
+            out["keypoint_heatmaps"] = self.keypoint_head(self._pool(pyramid, boxes, c.keypoint_head.pool_size))
+        return out
 
     def __call__(self, images, image_sizes):
         return self.predict(images, image_sizes)

@@ -1,4 +1,4 @@
-"""Pure jax.numpy detection ops with static output shapes (see DESIGN.md, floor `ops/`)."""
+"""Pure jax.numpy detection ops with static output shapes (docs/design.md, floor 0)."""
 
 from maskrcnn_jax.ops.anchors import generate_anchors
 from maskrcnn_jax.ops.boxes import (
@@ -10,6 +10,12 @@ from maskrcnn_jax.ops.boxes import (
     encode_boxes,
     encode_matched_boxes,
     min_size_mask,
+)
+from maskrcnn_jax.ops.keypoints import (
+    KEYPOINT_LOSS_NORMALIZATIONS,
+    detectron2_keypoint_loss_normalizer,
+    keypoint_loss,
+    keypoint_targets,
 )
 from maskrcnn_jax.ops.losses import (
     sigmoid_binary_cross_entropy,
