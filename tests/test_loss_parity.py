@@ -230,7 +230,7 @@ def test_box_head_losses_against_torchvision_fastrcnn_loss(rng, beta, torchvisio
 
 @jax.jit
 def our_mask_loss(mask_logits, sampled, gt_crops, gt_boxes):
-    """The model's assembly (MaskRCNN._mask_loss_on_prefix): targets from the matched GT's crop, the sigmoid loss on
+    """The model's assembly (MaskRCNN._positive_roi_losses_on_prefix): targets from the matched GT's crop, the sigmoid loss on
     the class channel. mask_logits [B, S, 28, 28, C]; sampled as sample_rois returns it, [B, S, ...].
     Returns the loss and the targets."""
     targets = jax.vmap(ops.mask_targets_from_cropped, in_axes=(0, 0, 0, 0, None))(

@@ -1,5 +1,5 @@
 """The training losses as the model composes them, each against a plain NumPy reference written from detectron2's
-definitions: rpn_losses, sample_rois, box_head_losses and the mask loss (MaskRCNN._mask_loss_on_prefix).
+definitions: rpn_losses, sample_rois, box_head_losses and the mask loss (MaskRCNN._positive_roi_losses_on_prefix).
 
 Every batch holds three images: one with ground truth (and a crowd region), one empty (no valid instance: its padded
 slots hold random boxes, which must never be read) and one crowd-only. The references share no code with the package:
@@ -446,7 +446,7 @@ def mask_model(num_classes, batch_size_per_image, positive_fraction, mask_loss="
 
 
 def test_mask_loss_as_the_model_assembles_it(rng):
-    """MaskRCNN._mask_loss_on_prefix (and _mask_loss, which picks a prefix bucket) against the reference on the mask
+    """MaskRCNN._positive_roi_losses_on_prefix (and _positive_roi_losses, which picks a prefix bucket) against the reference on the mask
     logits it computed: per positive RoI the target resampled from its matched GT's crop, BCE on the channel of that
     GT's class, averaged over positive RoIs and their 28 x 28 pixels. Negatives and padding carry no loss."""
     scene = roi_scene(rng)
@@ -459,17 +459,19 @@ def test_mask_loss_as_the_model_assembles_it(rng):
     levels = [rng.normal(0, 1, (3, 96 // s, 96 // s, 4)).astype(np.float32) for s in (4, 8, 16, 32)]
     pyramid = ops.flatten_pyramid(levels, (4, 8, 16, 32))
     model = mask_model(num_classes, batch_size_per_image, fraction)
-    operands = (pyramid, sampled, gt_masks, gt)
+    operands = (pyramid, sampled, {"gt_masks": gt_masks, "gt_boxes": gt})
     # Jitted: one compile each is cheaper than running the RoIAlign and the head op by op.
     variables = jax.jit(lambda *o: model.init(jax.random.key(0), prefix, *o,
-                                              method=MaskRCNN._mask_loss_on_prefix))(*operands)
+                                              method=MaskRCNN._positive_roi_losses_on_prefix))(*operands)
     # Logits of order 1: at its initialisation (normal(0.001) predictor) every logit is ~0, and the loss ~log 2 would
     # hardly depend on the targets.
     variables = jax.tree.map(lambda p: rng.normal(0, 1.5 / np.sqrt(p.shape[0]), p.shape).astype(np.float32),
                              variables)
-    loss, state = jax.jit(lambda v, *o: model.apply(v, prefix, *o, method=MaskRCNN._mask_loss_on_prefix,
-                                                    capture_intermediates=True, mutable=["intermediates"]))(
+    losses, state = jax.jit(lambda v, *o: model.apply(v, prefix, *o, method=MaskRCNN._positive_roi_losses_on_prefix,
+                                                      capture_intermediates=True, mutable=["intermediates"]))(
         variables, *operands)
+    assert set(losses) == {"mask"}
+    loss = losses["mask"]
     logits = np.asarray(state["intermediates"]["mask_head"]["__call__"][0])  # [3, prefix, 28, 28, num_classes]
     assert logits.shape == (3, prefix, 28, 28, num_classes)
 
@@ -484,5 +486,5 @@ def test_mask_loss_as_the_model_assembles_it(rng):
     assert count >= 4 and s["positive"][:, prefix:].sum() == 0
     assert 0.5 < np.abs(logits).mean() < 5
     np.testing.assert_allclose(float(loss), total / (count * 28 * 28), rtol=RTOL)
-    bucketed = jax.jit(lambda v, *o: model.apply(v, *o, method=MaskRCNN._mask_loss))(variables, *operands)
-    np.testing.assert_allclose(float(bucketed), float(loss), rtol=RTOL)
+    bucketed = jax.jit(lambda v, *o: model.apply(v, *o, method=MaskRCNN._positive_roi_losses))(variables, *operands)
+    np.testing.assert_allclose(float(bucketed["mask"]), float(loss), rtol=RTOL)
