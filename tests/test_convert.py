@@ -155,7 +155,44 @@ def test_torchvision_bn_norm_puts_affine_in_params(torchvision_state_dict):
 
 def test_torchvision_unknown_keys_raise(torchvision_state_dict):
     with pytest.raises(ValueError, match="no counterpart"):
-        from_torchvision({**torchvision_state_dict, "roi_heads.keypoint_head.0.weight": np.zeros((1, 1, 1, 1))})
+        from_torchvision({**torchvision_state_dict, "roi_heads.densepose_head.0.weight": np.zeros((1, 1, 1, 1))})
+
+
+@pytest.fixture(scope="module")
+def keypoint_state_dict():
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    return model, {key: value.numpy() for key, value in model.state_dict().items()}
+
+
+def test_torchvision_keypointrcnn_covers_every_variable(keypoint_state_dict):
+    model, state_dict = keypoint_state_dict
+    variables = from_torchvision(state_dict)
+    assert_same_structure(model_template(default_config("torchvision_keypoints")), variables)
+    count = sum(v.size for v in jax.tree_util.tree_leaves(variables))
+    torch_count = sum(v.size for k, v in state_dict.items() if not k.endswith("num_batches_tracked"))
+    assert count == torch_count
+
+
+def test_torchvision_keypoint_head_converts_to_the_same_function(keypoint_state_dict, rng):
+    """The converted keypoint head on random 14 x 14 RoI features equals torchvision's keypoint_head +
+    keypoint_predictor (56 x 56 heatmap logits)."""
+    import torch
+
+    from maskrcnn_jax.modeling.keypoint_head import KeypointHead
+
+    model, state_dict = keypoint_state_dict
+    params = from_torchvision(state_dict)["params"]["keypoint_head"]
+    features = rng.normal(size=(3, 14, 14, 256)).astype(np.float32)
+    ours = np.asarray(KeypointHead(num_keypoints=17).apply({"params": params}, jnp.asarray(features)))
+    with torch.no_grad():
+        heads = model.roi_heads
+        expected = heads.keypoint_predictor(heads.keypoint_head(torch.tensor(features).permute(0, 3, 1, 2)))
+    np.testing.assert_allclose(ours, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-4,
+                               atol=1e-4 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("depth", [50, 101])

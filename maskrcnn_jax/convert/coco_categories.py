@@ -20,7 +20,9 @@ UNUSED_SLOT_NAME = "N/A"
 def coco_category_map(num_classes: int) -> CategoryMap | None:
     """The label map of a COCO model with `num_classes` outputs (background included): 91 is torchvision's layout
     (label k is category id k; the 10 ids COCO never used are named N/A), 81 the contiguous 80 labels of our
-    pipeline and detectron2. None for any other size."""
+    pipeline and detectron2, 2 the person of COCO's keypoint models. None for any other size."""
+    if num_classes == 2:
+        return CategoryMap((1,), ("person",))
     if num_classes == 81:
         return CategoryMap(COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES)
     if num_classes == 91:

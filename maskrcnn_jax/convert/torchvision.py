@@ -2,7 +2,8 @@
 
 Two kinds of state dict are understood:
 
-* `maskrcnn_resnet50_fpn` (and any torchvision Mask R-CNN on a ResNet-FPN): keys under `backbone.`, `rpn.` and
+* `maskrcnn_resnet50_fpn`, `keypointrcnn_resnet50_fpn` (and any torchvision Mask / Keypoint R-CNN on a
+  ResNet-FPN): keys under `backbone.`, `rpn.` and
   `roi_heads.`, in either layout torchvision has used: the released COCO_V1 file (`rpn.head.conv.weight`,
   `roi_heads.mask_head.mask_fcn1.weight`, `backbone.fpn.inner_blocks.0.weight`) or the one current torchvision
   writes (`rpn.head.conv.0.0.weight`, `roi_heads.mask_head.0.0.weight`, `backbone.fpn.inner_blocks.0.0.weight`).
@@ -122,11 +123,27 @@ def _put_detection_key(tree: VariableTree, key: str, value, norm: str, fpn_chann
     if match:
         _put_conv(tree, key, ("mask_head", match.group(1)), leaf, value)
         return
+    # KeypointRCNNHeads is a Sequential of (conv, ReLU) pairs: conv i sits at index 2 * i.
+    match = re.fullmatch(r"roi_heads\.keypoint_head\.(\d+)(?:\.0)?\.(weight|bias)", key)
+    if match and int(match.group(1)) % 2 == 0:
+        _put_conv(tree, key, ("keypoint_head", f"conv_fcn{int(match.group(1)) // 2 + 1}"), leaf, value)
+        return
+    if key == "roi_heads.keypoint_predictor.kps_score_lowres.weight":
+        tree.put("params", ("keypoint_head", "score_lowres", "kernel"), conv_transpose_kernel(value), key)
+        return
+    if key == "roi_heads.keypoint_predictor.kps_score_lowres.bias":
+        tree.put("params", ("keypoint_head", "score_lowres", "bias"), value, key)
+        return
     raise KeyError
 
 
 def is_detection_state_dict(state_dict: Mapping[str, Any]) -> bool:
     return any(key.startswith("backbone.body.") for key in state_dict)
+
+
+def is_keypoint_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """A Keypoint R-CNN (keypointrcnn_resnet50_fpn) rather than a Mask R-CNN."""
+    return any(key.startswith("roi_heads.keypoint_predictor.") for key in state_dict)
 
 
 def from_torchvision(state_dict: Mapping[str, Any], *, norm: str = "frozen_bn") -> dict:

@@ -7,7 +7,9 @@ What detectron2 does, and how it is set here:
   * Input: detectron2 feeds BGR minus the Caffe mean (103.53, 116.28, 123.675) with std 1. The importer reverses
     conv1's input channels (input_order="rgb"), so our RGB pipeline normalises with the same means in RGB order
     and std 1, and the network computes the same numbers.
-  * Short side 800, long side at most 1333, padded to a multiple of 32 (a fixed 1344 x 1344 canvas here).
+  * Short side 800, long side at most 1333, padded to a multiple of 32 (ImageList.from_tensors with
+    size_divisibility 32): at inference and evaluation each image gets its own canvas by that rule
+    (data.eval_canvas "padded"); training keeps the fixed 1344 x 1344 canvas (data.canvas_size).
   * MSRA ResNet: the stride in the first 1x1 conv, FrozenBN (eps 1e-5), stem and res2 frozen.
   * RPN: 1000 per level before NMS 0.7, 1000 proposals at test (2000 / 1000 in training), L1 box loss.
   * ROIAlignV2 (aligned=True). detectron2's POOLER_SAMPLING_RATIO is 0 (adaptive: ceil(roi size / bin count)
@@ -59,6 +61,9 @@ def get_config():
     d.canvas_size = (1344, 1344)
     d.short_side = 800
     d.long_side_max = 1333
+    d.size_rounding = "half_up"  # ResizeShortestEdge: short side 800 exactly, int(long side + 0.5)
+    d.eval_canvas = "padded"  # detectron2 pads each batch to a multiple of the backbone's size_divisibility
+    d.size_divisibility = 32
     d.scale_jitter = (1.0, 1.0)
     d.pixel_mean = (123.675, 116.28, 103.53)  # detectron2's BGR Caffe mean, in RGB order
     d.pixel_std = (1.0, 1.0, 1.0)

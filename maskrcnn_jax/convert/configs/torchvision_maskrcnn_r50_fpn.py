@@ -7,8 +7,11 @@ Import its weights, then predict or evaluate (or fine-tune from them):
 Inference, as torchvision's GeneralizedRCNNTransform / RPN / RoIHeads do it:
   * RGB in [0, 1] normalised with the ImageNet mean and std; here on the 0-255 scale the pipeline uses
     ((x / 255 - 0.485) / 0.229 == (x - 123.675) / 58.395).
-  * Short side 800, long side at most 1333, padded to a multiple of 32 (a fixed 1344 x 1344 canvas here; the
-    anchors equal torchvision's whenever the canvas equals torchvision's padded batch size, see ops.anchors).
+  * Short side 800, long side at most 1333, padded to a multiple of 32: at inference and evaluation each image gets
+    its own canvas by that rule (data.eval_canvas "padded"), which is torchvision's padded batch of one image, so the
+    features, anchors and proposals equal torchvision's on any photograph (one compile per distinct canvas; set
+    data.eval_canvas_step or data.eval_canvas_sides to bound them, at the price of exact equality). Training
+    keeps the fixed 1344 x 1344 canvas (data.canvas_size).
   * The ResNet stride in the 3x3 conv, FrozenBatchNorm with eps 1e-5.
   * RPN: 1000 top-scoring anchors per level, NMS 0.7, 1000 proposals, boxes smaller than 1e-3 dropped.
   * RoIAlign with aligned=False and sampling ratio 2 (torchvision's MultiScaleRoIAlign).
@@ -76,6 +79,8 @@ def get_config():
     d.short_side = 800
     d.long_side_max = 1333
     d.size_rounding = "floor"  # torchvision: int(h * scale), so 600 x 512 becomes 937 x 800
+    d.eval_canvas = "padded"  # GeneralizedRCNNTransform.batch_images: 937 x 800 runs on a 960 x 800 canvas
+    d.size_divisibility = 32
 
     config.eval.mask_paste = "torchvision"  # its paste_masks_in_image: padded grid, integer boxes
     d.scale_jitter = (1.0, 1.0)
