@@ -1,5 +1,6 @@
 """Input transforms and pipelines against NumPy references: flip, resize, crop, pad, mask crops, batch contract."""
 
+import dataclasses
 import io
 import json
 
@@ -10,7 +11,7 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 
 from maskrcnn_jax.data import coco_dataset  # noqa: E402
-from maskrcnn_jax.data import pipeline, synthetic, transforms  # noqa: E402
+from maskrcnn_jax.data import image_resize, pipeline, synthetic, transforms  # noqa: E402
 from maskrcnn_jax.data.transforms import InputOptions  # noqa: E402
 
 
@@ -318,6 +319,54 @@ def test_eval_rejects_a_canvas_that_cannot_hold_every_image(tiny_builder):
     with pytest.raises(ValueError, match="cannot hold every evaluation image"):
         pipeline.eval_dataset(tiny_builder, InputOptions(canvas_size=(64, 64), short_side=48, long_side_max=80),
                               batch_size=2)
+
+
+def test_padded_eval_batches_are_grouped_by_canvas_alike_on_every_shard(tiny_builder):
+    """With eval_canvas "padded" every example sits on its own canvas (padded_canvas of its resized size), the
+    batches are grouped by canvas, and both shards yield the same sequence of batch shapes (so every step's global
+    batch can be assembled), covering every image once. The pixels inside the window are the fixed canvas'."""
+    fixed = InputOptions(canvas_size=(64, 64), max_instances=5, mask_size=16, short_side=40, long_side_max=64)
+    padded = dataclasses.replace(fixed, eval_canvas="padded", size_divisibility=16)
+    reference = {}
+    for batch in pipeline.eval_batches(tiny_builder, fixed, batch_size=1, with_ground_truth=True):
+        if batch["example_valid"][0]:
+            reference[int(batch["image_id"][0])] = {k: v[0] for k, v in batch.items()}
+    shapes, seen, counts = [], [], []
+    for shard in range(2):
+        dataset, num_batches = pipeline.eval_dataset(tiny_builder, padded, batch_size=2, shard_index=shard,
+                                                     shard_count=2, with_ground_truth=True)
+        batches = list(dataset.as_numpy_iterator())
+        counts.append((num_batches, len(batches)))
+        shapes.append([batch["image"].shape for batch in batches])
+        for batch in batches:
+            valid = batch["example_valid"]
+            assert (batch["image_id"][~valid] == -1).all() and not batch["image"][~valid].any()
+            for i in np.flatnonzero(valid):
+                expected = reference[int(batch["image_id"][i])]
+                height, width = expected["image_size"]
+                canvas = image_resize.padded_canvas((height, width), 16)
+                assert batch["image"].shape[1:3] == canvas
+                np.testing.assert_array_equal(batch["image_size"][i], expected["image_size"])
+                np.testing.assert_array_equal(batch["image"][i, :height, :width], expected["image"][:height, :width])
+                assert not batch["image"][i, height:].any() and not batch["image"][i, :, width:].any()
+                for key in ("gt_boxes", "gt_masks", "gt_valid", "image_scale", "original_size"):
+                    np.testing.assert_array_equal(batch[key][i], expected[key], err_msg=key)
+                seen.append(int(batch["image_id"][i]))
+    assert shapes[0] == shapes[1] and len(set(shapes[0])) > 1
+    assert counts[0] == counts[1] and counts[0][0] == counts[0][1]
+    assert sorted(seen) == sorted(reference) == [1, 2, 3, 4, 5]
+    # The planned canvases are those of the stored sizes, smallest first.
+    plan = pipeline.eval_plan(tiny_builder, padded, batch_size=2, shard_index=0, shard_count=2)
+    assert [group.canvas for group in plan] == sorted({tuple(s[1:3]) for s in shapes[0]})
+
+
+def test_padded_eval_needs_no_canvas_that_holds_every_image(tiny_builder):
+    options = InputOptions(canvas_size=(64, 64), short_side=48, long_side_max=80, eval_canvas="padded",
+                           size_divisibility=16, eval_canvas_sides=(48, 96))
+    dataset, _ = pipeline.eval_dataset(tiny_builder, options, batch_size=2)
+    for batch in dataset.as_numpy_iterator():
+        assert batch["image"].shape[1:3] in {(48, 96), (96, 48), (48, 48), (96, 96)}
+        assert (batch["image_size"][batch["example_valid"]].min(1) == 48).all()
 
 
 def test_shard_bounds():

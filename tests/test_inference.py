@@ -59,7 +59,7 @@ def assert_results_equal(a, b):
 @pytest.mark.parametrize("short_side", [None, 48])
 def test_prepared_canvas_equals_the_eval_pipeline(rng, rounding, short_side, eval_canvas):
     """The host's canvas equals the evaluation pipeline's, to the pixel: the same resized window and, with padded
-    canvases, the same canvas, the one pipeline.eval_canvases plans the example's batch on."""
+    canvases, the same canvas, the one pipeline.eval_geometry plans the example's batch on."""
     options = transforms.InputOptions(canvas_size=(96, 112), short_side=short_side,
                                       long_side_max=None if short_side is None else 90, size_rounding=rounding,
                                       eval_canvas=eval_canvas, size_divisibility=16)
@@ -71,9 +71,9 @@ def test_prepared_canvas_equals_the_eval_pipeline(rng, rounding, short_side, eva
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         encoded = io.BytesIO()
         Image.fromarray(image).save(encoded, format="PNG")
-        (canvas,) = pipeline.eval_canvases(np.asarray([[height, width]]), options)
+        (size,), (canvas,) = pipeline.eval_geometry(np.asarray([[height, width]]), options)
         expected = transforms.eval_example({"image": encoded.getvalue(), "image_id": 1}, options, False,
-                                           canvas_size=tuple(canvas))
+                                           canvas_size=tuple(canvas), size=size)
         prepared = inference_io.prepare_image(image, spec)
         assert prepared.image_size == tuple(expected["image_size"].numpy())
         assert prepared.canvas.shape[:2] == tuple(canvas)

@@ -19,6 +19,16 @@ class InputOptions:
     scaled to fit the canvas (TF Model Garden's square canvas). Either way the result is padded to
     `canvas_size`. `scale_jitter=(lo, hi)` multiplies the training scale by U(lo, hi); a window of the
     canvas size is then cropped at random when the image outgrows the canvas.
+
+    Canvases at inference and evaluation (`eval_canvas`): training always pads to the fixed `canvas_size` (one
+    compiled step). "fixed" does the same for evaluation and the Predictor. "padded" pads each image, after the
+    resize, to the next multiple of `size_divisibility` on each side, as torchvision and detectron2 pad a batch of
+    one image (their `size_divisibility` is 32), so an imported model sees exactly the peer's input and gives its
+    detections; each distinct canvas compiles once. To bound the compiles on a stream of many shapes, each padded
+    side can be rounded further up, to the smallest of `eval_canvas_sides` that holds it, else (without a list,
+    or beyond its largest side) to a multiple of `eval_canvas_step` (data/image_resize.py's padded_canvas). The
+    extra padding changes the features near the image's bottom and right edges a little, as a peer's batch of
+    images of different sizes does; the peers' own single-image results need both left at their defaults.
     """
 
     canvas_size: tuple[int, int] = (1024, 1024)  # (height, width)
@@ -30,9 +40,14 @@ class InputOptions:
     mask_size: int = 112
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB on the 0-255 scale
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-    # How the resized size is made whole: "round" (half to even; detectron2 and the TF Model Garden round) or
-    # "floor" (torchvision's GeneralizedRCNNTransform).
+    # How the resized size is made whole: "round" (half to even, the TF Model Garden's), "floor" (torchvision's
+    # GeneralizedRCNNTransform) or "half_up" (detectron2's ResizeShortestEdge); evaluation and inference also take
+    # that peer's float64 steps (image_resize.resized_size).
     size_rounding: str = "round"
+    eval_canvas: str = "fixed"  # "fixed" | "padded" (image_resize.EVAL_CANVASES), for inference and evaluation
+    size_divisibility: int = 32  # "padded": each canvas side is a multiple of this (the peers' 32)
+    eval_canvas_step: int = 0  # "padded": > 0 rounds each side up to a multiple of this (a multiple of the above)
+    eval_canvas_sides: tuple[int, ...] = ()  # "padded": each side rounded up to the smallest of these holding it
     mask_dtype: str = "float32"  # "float32": bilinear values in [0, 1]; "uint8": binarised at 0.5
     shuffle_buffer: int = 1024
     deterministic: bool = True  # order and content are a function of the seed (needed for exact resume)
@@ -51,6 +66,10 @@ class InputOptions:
         if self.size_rounding not in image_resize.SIZE_ROUNDINGS:
             raise ValueError(f"size_rounding must be one of {image_resize.SIZE_ROUNDINGS}, got "
                              f"{self.size_rounding!r}")
+        object.__setattr__(self, "eval_canvas_sides", tuple(int(side) for side in self.eval_canvas_sides))
+        if self.eval_canvas not in image_resize.EVAL_CANVASES:
+            raise ValueError(f"eval_canvas must be one of {image_resize.EVAL_CANVASES}, got {self.eval_canvas!r}")
+        image_resize.check_padding(self.size_divisibility, self.eval_canvas_step, self.eval_canvas_sides)
         if self.short_side is not None and self.long_side_max is None:
             raise ValueError("short_side needs long_side_max (use a large value for no limit)")
         lo, hi = self.scale_jitter

@@ -31,9 +31,14 @@ Training (`train_dataset`, `TrainIterator`):
 
 Evaluation (`eval_dataset`, `eval_batches`): image, image_id, original_size, image_scale, image_size as above
 (no jitter, crop or flip, so original = canvas / image_scale), plus
-  example_valid  bool    [B]             False for the padding examples that fill the last batch (image_id -1)
-and, with `with_ground_truth=True`, the five gt_* fields (six with keypoints). Every process gets the same number
-of batches.
+  example_valid  bool    [B]             False for the padding examples that fill a batch (image_id -1)
+and, with `with_ground_truth=True`, the five gt_* fields (six with keypoints). `eval_plan` first reads every
+example's stored size (no pixels) and gives each its resized size and canvas by data/image_resize.py's rules, the
+ones the Predictor uses. With options.eval_canvas "fixed" every batch is on the (Hc, Wc) canvas. With "padded"
+each example is on its own canvas (padded_canvas of its resized size) and the batches are grouped by canvas,
+smallest first, each canvas with a number of batches that is the same on every process (the most any shard needs;
+the others pad with invalid examples). So every process yields the same sequence of batch shapes, one fixed shape
+per batch, and a global batch can be assembled from the processes' rows at every step.
 
 Randomness: the shuffle order of epoch e is seeded by (seed, shard, e); the jitter/crop/flip of the example
 at stream position p by (seed, shard, p), with stateless ops. So a stream is a pure function of
@@ -47,13 +52,13 @@ TensorFlow is told to use no GPU here, so it never competes with JAX for acceler
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from maskrcnn_jax.data import keypoints, transforms
+from maskrcnn_jax.data import image_resize, keypoints, transforms
 from maskrcnn_jax.data.coco_dataset import load_keypoint_schema
 from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
 from maskrcnn_jax.data.transforms import InputOptions
@@ -147,8 +152,9 @@ def train_dataset(builder: tfds.core.DatasetBuilder, options: InputOptions, *, b
     return stream.prefetch(tf.data.AUTOTUNE).with_options(_options(options.deterministic))
 
 
-def _padding_example(options: InputOptions, with_ground_truth: bool, num_keypoints: int) -> dict[str, tf.Tensor]:
-    canvas_h, canvas_w = options.canvas_size
+def _padding_example(options: InputOptions, with_ground_truth: bool, num_keypoints: int,
+                     canvas_size: tuple[int, int]) -> dict[str, tf.Tensor]:
+    canvas_h, canvas_w = canvas_size
     g, m = options.max_instances, options.mask_size
     features = {
         "image": tf.zeros([canvas_h, canvas_w, 3], tf.float32),
@@ -169,27 +175,101 @@ def _padding_example(options: InputOptions, with_ground_truth: bool, num_keypoin
     return features
 
 
+def stored_image_sizes(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+    """int [N, 2] (height, width) of every example of `split` in storage order, read from the records' stored
+    sizes (no image is decoded)."""
+    num_examples = _check_split(builder, split)
+    if num_examples == 0:
+        return np.zeros((0, 2), np.int64)
+    sizes = _read(builder, split, 0, num_examples).map(
+        lambda example: tf.stack([tf.cast(example["height"], tf.int64), tf.cast(example["width"], tf.int64)]),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(4096)
+    return np.concatenate(list(tfds.as_numpy(sizes)))
+
+
+def eval_geometry(image_sizes: np.ndarray, options: InputOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(resized [N, 2], canvases [N, 2]) ints of images of original `image_sizes` [N, 2] at evaluation: each image's
+    resized size by image_resize.resized_size (the host's rule, in the peers' arithmetic), and its canvas, the
+    fixed one or with eval_canvas "padded" image_resize.padded_canvas of the resized size."""
+    image_sizes = np.asarray(image_sizes).reshape(-1, 2)
+    resized = np.asarray([image_resize.resized_size(h, w, options.canvas_size, options.short_side,
+                                                    options.long_side_max, options.size_rounding)
+                          for h, w in image_sizes], np.int64).reshape(-1, 2)
+    if options.eval_canvas == "fixed":
+        canvases = np.tile(np.asarray(options.canvas_size, np.int64), (len(resized), 1))
+    else:
+        canvases = np.asarray([image_resize.padded_canvas(size, options.size_divisibility, options.eval_canvas_step,
+                                                          options.eval_canvas_sides) for size in resized],
+                              np.int64).reshape(-1, 2)
+    return resized, canvases
+
+
+class EvalGroup(NamedTuple):
+    """The evaluation batches of one canvas on this process: `positions` are the indices (within the process'
+    shard, in storage order) of its examples, `resized` the shard's resized sizes (all of them, indexed by position),
+    and `num_batches` the batches of this canvas that every process yields."""
+
+    canvas: tuple[int, int]
+    positions: np.ndarray
+    resized: np.ndarray
+    num_batches: int
+
+
+def eval_plan(builder: tfds.core.DatasetBuilder, options: InputOptions, *, batch_size: int, shard_index: int = 0,
+              shard_count: int = 1, split: str = "validation") -> list[EvalGroup]:
+    """This process' evaluation batches grouped by canvas, smallest canvas first (one group on a fixed canvas). Each
+    canvas has, on every process, the batches the shard with the most examples on it needs. The sizes come from the
+    records' stored image sizes (no image is decoded)."""
+    num_examples = _check_split(builder, split)
+    bounds = [shard_bounds(num_examples, i, shard_count, drop_remainder=False) for i in range(shard_count)]
+    start, end = bounds[shard_index]
+    resized, canvases = eval_geometry(stored_image_sizes(builder, split), options)
+    plan = []
+    for canvas in sorted({tuple(int(v) for v in c) for c in canvases}):
+        on_canvas = np.all(canvases == canvas, axis=1)
+        num_batches = max(math.ceil(on_canvas[lo:hi].sum() / batch_size) for lo, hi in bounds)
+        plan.append(EvalGroup(canvas, np.flatnonzero(on_canvas[start:end]), resized[start:end], num_batches))
+    return plan
+
+
 def eval_dataset(builder: tfds.core.DatasetBuilder, options: InputOptions, *, batch_size: int,
                  shard_index: int = 0, shard_count: int = 1, split: str = "validation",
                  with_ground_truth: bool = False) -> tuple[tf.data.Dataset, int]:
-    """(dataset, num_batches): every example of this process' shard once, in storage order, padded with
-    invalid examples so that every process yields the same `num_batches` full batches."""
+    """(dataset, num_batches): every example of this process' shard once, padded with invalid examples so that
+    every process yields the same `num_batches` full batches of the same shapes: in storage order on the fixed
+    canvas, or grouped by canvas as eval_plan lists them (storage order within a canvas)."""
     hide_accelerators_from_tensorflow()
-    if options.short_side is not None and min(options.canvas_size) < options.long_side_max:
+    if (options.eval_canvas == "fixed" and options.short_side is not None
+            and min(options.canvas_size) < options.long_side_max):
         raise ValueError(f"canvas {options.canvas_size} cannot hold every evaluation image: with "
                          f"long_side_max={options.long_side_max} both canvas sides must be at least that")
-    num_examples = _check_split(builder, split)
-    start, end = shard_bounds(num_examples, shard_index, shard_count, drop_remainder=False)
-    num_batches = math.ceil(math.ceil(num_examples / shard_count) / batch_size)
-    padding = num_batches * batch_size - (end - start)
+    start, end = shard_bounds(_check_split(builder, split), shard_index, shard_count, drop_remainder=False)
+    plan = eval_plan(builder, options, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
+                     split=split)
+    if not plan:  # an empty split
+        plan = [EvalGroup(tuple(options.canvas_size), np.zeros([0], np.int64), np.zeros([0, 2], np.int64), 0)]
     num_keypoints = _num_keypoints(builder)
-    stream = _read(builder, split, start, end).map(
-        lambda example: transforms.eval_example(example, options, with_ground_truth, num_keypoints),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    stream = stream.concatenate(
-        tf.data.Dataset.from_tensors(_padding_example(options, with_ground_truth, num_keypoints)).repeat(padding))
-    stream = stream.batch(batch_size, drop_remainder=True)
-    return stream.prefetch(tf.data.AUTOTUNE).with_options(_options(True)), num_batches
+    stream = None
+    for canvas, positions, resized, num_batches in plan:
+        group = tf.data.Dataset.from_tensors(
+            _padding_example(options, with_ground_truth, num_keypoints, canvas)).repeat(
+                num_batches * batch_size - len(positions))
+        if len(positions):
+            examples = _read(builder, split, start, end).enumerate()
+            if len(positions) < end - start:  # the shard is read once per canvas, and decoded once in all
+                selected = np.zeros(end - start, bool)
+                selected[positions] = True
+                selected = tf.constant(selected)
+                examples = examples.filter(lambda i, _: selected[i])
+            sizes = tf.constant(resized, tf.int32)
+            examples = examples.map(
+                lambda i, example, canvas=canvas: transforms.eval_example(
+                    example, options, with_ground_truth, num_keypoints, canvas, sizes[i]),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            group = examples.concatenate(group)
+        group = group.batch(batch_size, drop_remainder=True)
+        stream = group if stream is None else stream.concatenate(group)
+    return stream.prefetch(tf.data.AUTOTUNE).with_options(_options(True)), sum(g.num_batches for g in plan)
 
 
 def eval_batches(builder: tfds.core.DatasetBuilder, options: InputOptions, **kwargs: Any

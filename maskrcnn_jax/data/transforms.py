@@ -156,12 +156,12 @@ def _pad_to(tensor: tf.Tensor, length: int) -> tf.Tensor:
 
 
 def _image_to_canvas(image: tf.Tensor, size: tf.Tensor, offset_yx: tf.Tensor, content_size: tf.Tensor,
-                     flip: tf.Tensor, options: InputOptions) -> tf.Tensor:
+                     flip: tf.Tensor, options: InputOptions, canvas_size: tuple[int, int]) -> tf.Tensor:
     resized = tf.image.resize(image, size, method="bilinear")  # float32, half-pixel centres
     window = resized[offset_yx[0]:offset_yx[0] + content_size[0], offset_yx[1]:offset_yx[1] + content_size[1]]
     window = tf.cond(flip, lambda: tf.reverse(window, axis=[1]), lambda: window)
     normalized = (window - tf.constant(options.pixel_mean, tf.float32)) / tf.constant(options.pixel_std, tf.float32)
-    canvas_h, canvas_w = options.canvas_size
+    canvas_h, canvas_w = canvas_size
     canvas = tf.pad(normalized, [[0, canvas_h - content_size[0]], [0, canvas_w - content_size[1]], [0, 0]])
     canvas.set_shape([canvas_h, canvas_w, 3])
     return canvas
@@ -232,10 +232,13 @@ def _random_geometry(original_hw: tf.Tensor, key: tf.Tensor, options: InputOptio
     return size, offset, content_size, flip
 
 
-def _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options):
-    """The features training and evaluation share: the canvas image and what maps it back to the original."""
+def _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options,
+                    canvas_size=None):
+    """The features training and evaluation share: the canvas image (on `canvas_size`, default
+    options.canvas_size) and what maps it back to the original."""
     return {
-        "image": _image_to_canvas(image, size, offset, content_size, flip, options),
+        "image": _image_to_canvas(image, size, offset, content_size, flip, options,
+                                  canvas_size or options.canvas_size),
         "image_id": tf.cast(example["image_id"], tf.int64),
         "original_size": tf.cast(original_hw, tf.int32),
         "image_scale": scale_yx,
@@ -263,20 +266,28 @@ def train_example(example: Mapping[str, Any], key: tf.Tensor, options: InputOpti
 
 
 def eval_example(example: Mapping[str, Any], options: InputOptions, with_ground_truth: bool,
-                 num_keypoints: int = 0) -> dict[str, tf.Tensor]:
-    """A parsed dataset example -> fixed-shape evaluation features: no jitter, no crop, no flip.
-    With ground truth and `num_keypoints` K > 0 the features include gt_keypoints."""
+                 num_keypoints: int = 0, canvas_size: Sequence[int] | None = None,
+                 size: tf.Tensor | Sequence[int] | None = None) -> dict[str, tf.Tensor]:
+    """A parsed dataset example -> fixed-shape evaluation features: no jitter, no crop, no flip, the image resized
+    to `size` (h, w) and padded to `canvas_size`. The pipeline passes both from its plan (pipeline.eval_geometry:
+    image_resize.resized_size, the host's rule, and the fixed canvas or the example's padded canvas); by default
+    they are the training graph's float32 resize and options.canvas_size. With ground truth and `num_keypoints`
+    K > 0 the features include gt_keypoints."""
+    canvas_size = tuple(int(v) for v in (canvas_size or options.canvas_size))
     image = decode_image(example["image"])
     original_hw = tf.shape(image)[:2]
-    size = scaled_size(original_hw[0], original_hw[1], resize_scale(original_hw[0], original_hw[1], options),
-                       options.size_rounding)
-    canvas = tf.constant(options.canvas_size, tf.int32)
+    if size is None:
+        size = scaled_size(original_hw[0], original_hw[1], resize_scale(original_hw[0], original_hw[1], options),
+                           options.size_rounding)
+    size = tf.cast(size, tf.int32)
+    canvas = tf.constant(canvas_size, tf.int32)
     # Eval images always fit (checked in pipeline.eval_dataset); the minimum only guards rounding.
     content_size = tf.minimum(size, canvas)
     offset = tf.zeros([2], tf.int32)
     flip = tf.constant(False)
     scale_yx = tf.cast(size, tf.float32) / tf.cast(original_hw, tf.float32)
-    features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options)
+    features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options,
+                               canvas_size)
     features["example_valid"] = tf.constant(True)
     if with_ground_truth:
         keypoint_flip = tuple(range(num_keypoints)) if num_keypoints else None  # never applied: no flip

@@ -5,9 +5,11 @@ The `Predictor`, the exported-model loader and COCO evaluation all map detection
 agree to the bit. It imports nothing from the rest of the package but data/image_resize.py: copied next to
 exported_model.py with that file, it serves an exported model without this codebase.
 
-The resize is the evaluation pipeline's (data/image_resize.py's rule, in the same float32 steps): scale to fit the
-canvas (or short side / long side limit), make the size whole by `size_rounding`, resample bilinearly with half-pixel
-centres and no antialiasing (tf.image.resize, and torch's interpolate(align_corners=False)), normalise, pad.
+The resize is the evaluation pipeline's (data/image_resize.py's resized_size, in the peers' float64 steps): scale to
+fit the canvas (or short side / long side limit), make the size whole by `size_rounding`, resample bilinearly with half-pixel
+centres and no antialiasing (tf.image.resize, and torch's interpolate(align_corners=False)), normalise, pad: to the
+fixed canvas, or with eval_canvas "padded" to the image's own canvas (image_resize.padded_canvas), where a list of
+images is grouped by canvas into batches and each distinct canvas is one compiled network.
 Masks are pasted by detectron2's rule as ops.paste_masks does (pixel centres read the 28 x 28 grid bilinearly, zero
 outside), here only over each box's own rows and columns, or by torchvision's (for parity with its models).
 """
@@ -45,8 +47,16 @@ class InferenceSpec:
     batch_size: int
     category_ids: tuple[int, ...]
     names: tuple[str, ...]
+    # The canvas of each image (data/options.py's fields of the same names): the fixed canvas_size, or "padded".
+    eval_canvas: str = "fixed"
+    size_divisibility: int = 32
+    eval_canvas_step: int = 0
+    eval_canvas_sides: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if self.eval_canvas not in image_resize.EVAL_CANVASES:
+            raise ValueError(f"eval_canvas must be one of {image_resize.EVAL_CANVASES}, got {self.eval_canvas!r}")
+        image_resize.check_padding(self.size_divisibility, self.eval_canvas_step, self.eval_canvas_sides)
         if self.size_rounding not in image_resize.SIZE_ROUNDINGS:
             raise ValueError(f"size_rounding must be one of {image_resize.SIZE_ROUNDINGS}, got {self.size_rounding!r}")
         if self.mask_paste not in MASK_PASTE_RULES:
@@ -62,9 +72,17 @@ class InferenceSpec:
     @classmethod
     def from_json(cls, text: str) -> "InferenceSpec":
         values = json.loads(text)
-        for key in ("canvas_size", "pixel_mean", "pixel_std", "category_ids", "names"):
-            values[key] = tuple(values[key])
+        for key in ("canvas_size", "pixel_mean", "pixel_std", "category_ids", "names", "eval_canvas_sides"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
+
+    def canvas_for(self, image_size: Sequence[int]) -> tuple[int, int]:
+        """The canvas (height, width) of an image resized to `image_size`: the fixed canvas, or its padded one."""
+        if self.eval_canvas == "fixed":
+            return tuple(int(v) for v in self.canvas_size)
+        return image_resize.padded_canvas(image_size, self.size_divisibility, self.eval_canvas_step,
+                                          self.eval_canvas_sides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,11 +109,10 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
 
 
 def resized_size(height: int, width: int, spec: InferenceSpec) -> tuple[int, int]:
-    """(h_s, w_s) of the image on the canvas, by data/image_resize.py's rule in float32."""
-    h, w = np.float32(height), np.float32(width)
-    scale = image_resize.resize_scale(h, w, spec.canvas_size, spec.short_side, spec.long_side_max, np)
-    exact = np.asarray([h, w], np.float32) * np.float32(scale)
-    return tuple(int(v) for v in image_resize.whole_size(exact, spec.size_rounding, np))
+    """(h_s, w_s) of the image on the canvas, by data/image_resize.py's resized_size (the peers' arithmetic, which
+    the evaluation pipeline uses too)."""
+    return image_resize.resized_size(height, width, spec.canvas_size, spec.short_side, spec.long_side_max,
+                                     spec.size_rounding)
 
 
 def _axis_samples(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,12 +147,15 @@ class PreparedImage:
     original_size: tuple[int, int]
 
 
-def prepare_image(image: Any, spec: InferenceSpec) -> PreparedImage:
+def prepare_image(image: Any, spec: InferenceSpec,
+                  canvas_for: Callable[[tuple[int, int]], tuple[int, int]] | None = None) -> PreparedImage:
+    """The image resized, normalised and padded to its canvas: `canvas_for(resized size)`, by default
+    spec.canvas_for."""
     rgb = as_rgb_uint8(image)
     size = resized_size(rgb.shape[0], rgb.shape[1], spec)
-    canvas_h, canvas_w = spec.canvas_size
+    canvas_h, canvas_w = (canvas_for or spec.canvas_for)(size)
     if size[0] > canvas_h or size[1] > canvas_w:
-        raise ValueError(f"an image resized to {size} does not fit the {spec.canvas_size} canvas: the config's "
+        raise ValueError(f"an image resized to {size} does not fit the {(canvas_h, canvas_w)} canvas: the config's "
                          f"long_side_max is larger than the canvas")
     canvas = np.zeros((canvas_h, canvas_w, 3), np.float32)
     resized = resize_bilinear(rgb, size)
@@ -240,31 +260,58 @@ def image_results(outputs: Mapping[str, np.ndarray], prepared: PreparedImage, sp
 
 
 RunBatch = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
+# predict_images holds at most this many batches' worth of images back while it waits for images of the same
+# canvas: then it runs the group that holds the oldest waiting image, filled up, so memory stays bounded.
+GROUPING_WINDOW_BATCHES = 8
 
 
-def predict_images(images: Iterable[Any], run_batch: RunBatch, spec: InferenceSpec, score_threshold: float
-                   ) -> Iterator[dict[str, Any]]:
-    """Runs `run_batch(canvases [B, Hc, Wc, 3] float32, image_sizes [B, 2] int32)` over the images in batches of
-    spec.batch_size (the last one filled up by repeating its final image) and yields each image's results in
-    order, one batch in memory at a time."""
-    pending: list[PreparedImage] = []
+def predict_images(images: Iterable[Any], run_batch: RunBatch, spec: InferenceSpec, score_threshold: float,
+                   canvas_for: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+                   window: int | None = None) -> Iterator[dict[str, Any]]:
+    """Runs `run_batch(canvases [B, Hc, Wc, 3] float32, image_sizes [B, 2] int32)` over the images and yields each
+    image's results in input order.
 
-    def finish_batch():
-        filled = pending + [pending[-1]] * (spec.batch_size - len(pending))
+    Images are grouped by canvas (`canvas_for`, by default spec.canvas_for: one canvas when it is fixed) into
+    batches of spec.batch_size, so a batch always has one shape. A group runs when it is full; when `window`
+    images (default GROUPING_WINDOW_BATCHES batches) have arrived since the oldest image still waiting, the group
+    holding that one runs filled up by repeating its last image, and so does every group left at the end."""
+    batch_size = spec.batch_size
+    window = window or GROUPING_WINDOW_BATCHES * batch_size
+    groups: dict[tuple[int, ...], list[tuple[int, PreparedImage]]] = {}  # canvas -> waiting (index, image)
+    finished: dict[int, dict[str, Any]] = {}
+    next_out = 0
+
+    def run(canvas):
+        group = groups.pop(canvas)
+        filled = [p for _, p in group] + [group[-1][1]] * (batch_size - len(group))
         canvases = np.stack([p.canvas for p in filled])
         sizes = np.asarray([p.image_size for p in filled], np.int32)
         outputs = {k: np.asarray(v) for k, v in run_batch(canvases, sizes).items()}
-        results = [image_results({k: v[i] for k, v in outputs.items()}, prepared, spec, score_threshold)
-                   for i, prepared in enumerate(pending)]
-        pending.clear()
-        return results
+        for row, (index, prepared) in enumerate(group):
+            finished[index] = image_results({k: v[row] for k, v in outputs.items()}, prepared, spec,
+                                            score_threshold)
 
-    for image in images:
-        pending.append(prepare_image(image, spec))
-        if len(pending) == spec.batch_size:
-            yield from finish_batch()
-    if pending:
-        yield from finish_batch()
+    def oldest_waiting():
+        return min(groups, key=lambda canvas: groups[canvas][0][0])
+
+    count = 0
+    for index, image in enumerate(images):
+        count = index + 1
+        prepared = prepare_image(image, spec, canvas_for)
+        canvas = prepared.canvas.shape[:2]
+        groups.setdefault(canvas, []).append((index, prepared))
+        if len(groups[canvas]) == batch_size:
+            run(canvas)
+        while groups and index - groups[oldest_waiting()][0][0] + 1 >= window:
+            run(oldest_waiting())
+        while next_out in finished:
+            yield finished.pop(next_out)
+            next_out += 1
+    while groups:
+        run(oldest_waiting())
+    while next_out < count:
+        yield finished.pop(next_out)
+        next_out += 1
 
 
 def is_single_image(images: Any) -> bool:
@@ -281,9 +328,13 @@ class ImagePredictor:
     def run_batch(self, canvases: np.ndarray, image_sizes: np.ndarray) -> Mapping[str, np.ndarray]:
         raise NotImplementedError
 
+    def canvas_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The canvas an image resized to `image_size` runs on (spec.canvas_for)."""
+        return self.spec.canvas_for(image_size)
+
     def predict_iter(self, images: Iterable[Any], score_threshold: float = 0.5) -> Iterator[dict[str, Any]]:
-        """Results of each image in order, computed a batch at a time."""
-        return predict_images(images, self.run_batch, self.spec, score_threshold)
+        """Results of each image in input order, computed a batch of one canvas at a time."""
+        return predict_images(images, self.run_batch, self.spec, score_threshold, self.canvas_for)
 
     def __call__(self, images: Any, score_threshold: float = 0.5) -> dict[str, Any] | list[dict[str, Any]]:
         if is_single_image(images):

@@ -5,9 +5,12 @@
     result["boxes"], result["scores"], result["labels"], result["names"], result["masks"]
     results = predictor([image1, image2, ...])     # run as batches of `batch_size`
 
-One compiled network call serves every image: each is resized and padded to the config's canvas on the host
-(serving.host, which the exported model and evaluation share). `score_threshold` only filters what is returned;
-evaluation never sees it.
+Each image is resized and padded on the host (serving.host, which the exported model and evaluation share): to the
+config's fixed canvas (data.eval_canvas "fixed", one compiled network for every image), or to its own canvas, a
+multiple of data.size_divisibility (data.eval_canvas "padded", as torchvision and detectron2 pad). Then a list of
+images runs in batches of one canvas each, and each distinct (batch, canvas) shape is compiled once and cached
+(`compiled_shapes`); data.eval_canvas_step or data.eval_canvas_sides bound how many there can be.
+`score_threshold` only filters what is returned; evaluation never sees it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Predictor(host.ImagePredictor):
         self.variables = jax.device_put({"params": variables["params"],
                                          "batch_stats": variables.get("batch_stats", {})})
         self._network = jax.jit(self.network)
+        self._compiled: dict[tuple[int, ...], Any] = {}  # canvases' shape [B, H, W, 3] -> compiled network
 
     @classmethod
     def from_checkpoint(cls, workdir: str, step: int | None = None, batch_size: int = 1) -> "Predictor":
@@ -57,8 +61,25 @@ class Predictor(host.ImagePredictor):
         outputs."""
         return self.model.apply(variables, images, image_sizes, method=self.model.predict)
 
+    @property
+    def compiled_shapes(self) -> list[tuple[int, ...]]:
+        """The [B, H, W, 3] canvas shapes compiled so far, one compile each."""
+        return list(self._compiled)
+
+    def compiled_network(self, shape: tuple[int, ...]):
+        """The network compiled for canvases of `shape` [B, H, W, 3], compiled on first use and kept."""
+        shape = tuple(int(v) for v in shape)
+        if shape not in self._compiled:
+            lowered = self._network.lower(self.variables, jax.ShapeDtypeStruct(shape, jnp.float32),
+                                          jax.ShapeDtypeStruct((shape[0], 2), jnp.int32))
+            self._compiled[shape] = lowered.compile()
+            logging.info("compiled the network for canvases of shape %s (%d shapes so far)", shape,
+                         len(self._compiled))
+        return self._compiled[shape]
+
     def run_batch(self, canvases: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
-        return jax.device_get(self._network(self.variables, jnp.asarray(canvases), jnp.asarray(image_sizes)))
+        network = self.compiled_network(canvases.shape)
+        return jax.device_get(network(self.variables, jnp.asarray(canvases), jnp.asarray(image_sizes, jnp.int32)))
 
 
 def spec_from_config(config: ml_collections.ConfigDict, categories: CategoryMap, batch_size: int
@@ -76,4 +97,8 @@ def spec_from_config(config: ml_collections.ConfigDict, categories: CategoryMap,
         batch_size=int(batch_size),
         category_ids=tuple(categories.category_ids),
         names=tuple(categories.names),
+        eval_canvas=d.get("eval_canvas") or "fixed",
+        size_divisibility=int(d.get("size_divisibility") or 32),
+        eval_canvas_step=int(d.get("eval_canvas_step") or 0),
+        eval_canvas_sides=tuple(int(v) for v in (d.get("eval_canvas_sides") or ())),
     )
