@@ -56,6 +56,11 @@ def test_two_processes_match_one(tmp_path):
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
     assert "process 1 of 2" in outputs[1] or "process 1 of 2" in outputs[0]
+    # The console shows the run's own lines; TensorFlow's C++ notices and library warnings go to the log file.
+    for output in outputs:
+        assert "step 2/2" in output
+        assert "oneDNN" not in output and "absl::InitializeLog" not in output, output[-3000:]
+    assert "oneDNN" in (workdir / "logs" / "log.txt").read_text()
 
     # The same two global batches on one process and one device.
     model = build_model(config.model)
