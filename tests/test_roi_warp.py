@@ -273,8 +273,8 @@ def test_one_sample_per_cell_reads_roi_pools_cells(rng, roi_reduce):
 def test_each_bin_sends_its_cotangent_once(rng, op, roi_reduce, aligned):
     """Every sample within a cell of the map has bilinear weights summing to 1, so the feature gradient sums to
     the cotangent's sum. Boxes hugging the border put several samples of a bin on the same clamped cell: exact
-    ties between samples with the same neighbours, which must still send the bin's cotangent once (XLA recomputes
-    the argmax inside the backward; copies that broke such a tie differently once sent it twice)."""
+    ties between samples with the same neighbours, which must still send the bin's cotangent once (an argmax that
+    XLA recomputed inside each backward scatter once broke such ties differently per copy and sent it twice)."""
     features = rng.standard_normal((2, 9, 12, 3)).astype(F32)
     low = rng.uniform(-0.5, 0.3, (2, 12, 2))
     extent = np.exp(rng.uniform(np.log(0.3), np.log(12.0), (2, 12, 2)))
@@ -340,7 +340,8 @@ def test_bad_roi_reduce_and_avg_default(rng):
         with pytest.raises(ValueError, match="roi_reduce"):
             fn("mean")
     default_align = jax.jit(lambda f, b: roi_align(f, b, 2, 1.0, 2, True))
-    np.testing.assert_array_equal(default_align(features, boxes), roi_align_jit(features, boxes, 2, 1.0, 2, True, "avg"))
+    explicit_avg = roi_align_jit(features, boxes, 2, 1.0, 2, True, "avg")
+    np.testing.assert_array_equal(default_align(features, boxes), explicit_avg)
     warp_avg = roi_warp_jit(features, boxes, 2, 1.0, 1, "avg")
     np.testing.assert_array_equal(jax.jit(lambda f, b: roi_warp(f, b, 2, 1.0, 1))(features, boxes), warp_avg)
     # One sample per bin: max and avg coincide (up to avg's multiply-add contraction).
@@ -357,11 +358,13 @@ def test_multilevel_matches_numpy_reference_on_each_boxs_level(rng, op, roi_redu
     boxes = pyramid_boxes(rng, 2, 20, image_hw)
     cotangent = rng.standard_normal((2, 20, 3, 2, 3)).astype(F32)
     if op == "align":
-        fn = lambda fs: multilevel_roi_align(fs, jnp.asarray(boxes), (3, 2), strides, 2, aligned, roi_reduce)  # noqa: E731
+        pool = functools.partial(multilevel_roi_align, aligned=aligned)
         ref = functools.partial(reference_roi_align, aligned=aligned)
     else:
-        fn = lambda fs: multilevel_roi_warp(fs, jnp.asarray(boxes), (3, 2), strides, 2, roi_reduce)  # noqa: E731
-        ref = reference_roi_warp
+        pool, ref = multilevel_roi_warp, reference_roi_warp
+
+    def fn(fs):
+        return pool(fs, jnp.asarray(boxes), (3, 2), strides, 2, roi_reduce=roi_reduce)
 
     got, got_grads = vjp_jit(fn)([jnp.asarray(f) for f in levels], jnp.asarray(cotangent))
     want, want_grads, level = reference_multilevel(ref, levels, boxes, (3, 2), strides, 2, roi_reduce, cotangent)

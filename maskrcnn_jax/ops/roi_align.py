@@ -193,16 +193,21 @@ def _roi_align_flat(flat_features, boxes, scale, height, width, offset, output_h
     return _sample_bins(flat_features, frame, height, width, offset, output_hw, sampling_ratio, roi_reduce)
 
 
-@jax.custom_vjp
-def _weighted_gather(flat_features, indices, weights):
-    """sum_t flat_features[indices[t]] * weights[t]: [P, C], [T, ...], [T, ...] -> [..., C]. XLA fuses the gathers
-    and the weighted sum into one loop, so nothing larger than the output is materialised."""
+def _sum_of_weighted_gathers(flat_features, indices, weights):
+    """sum_t flat_features[indices[t]] * weights[t]: [P, C], [T, ...], [T, ...] -> [..., C]."""
     out = None
     for index, weight in zip(indices, weights):
         term = flat_features.at[index].get(mode="promise_in_bounds")
         term = term * weight[..., None].astype(term.dtype)
         out = term if out is None else out + term
     return out
+
+
+@jax.custom_vjp
+def _weighted_gather(flat_features, indices, weights):
+    """sum_t flat_features[indices[t]] * weights[t]: [P, C], [T, ...], [T, ...] -> [..., C]. XLA fuses the gathers
+    and the weighted sum into one loop, so nothing larger than the output is materialised."""
+    return _sum_of_weighted_gathers(flat_features, indices, weights)
 
 
 def _weighted_gather_forward(flat_features, indices, weights):
@@ -223,49 +228,50 @@ def _weighted_gather_backward(residuals, grad):
 _weighted_gather.defvjp(_weighted_gather_forward, _weighted_gather_backward)
 
 
-def _sample_value(flat_features, indices, weights):
-    """One bilinear sample of every bin: sum_k flat_features[indices[k]] * weights[k], [4, ...] -> [..., C].
+def _argmax_dtype(num_samples):
+    return jnp.int8 if num_samples <= 127 else jnp.int32
 
-    XLA recomputes the argmax inside each backward scatter (an optimization barrier does not stop it on the CPU),
-    and each copy may contract the sum into multiply-adds its own way: two tied samples could then each win in
-    one copy and the bin's gradient would count twice. Products rounded on their own make every copy agree.
+
+def _running_max(flat_features, indices, weights):
+    """Max over samples s of sum_k flat_features[indices[s, k]] * weights[s, k]: one fused loop, no argmax."""
+    best = None
+    for s in range(indices.shape[0]):
+        value = _sum_of_weighted_gathers(flat_features, indices[s], weights[s])
+        best = value if best is None else jnp.where(value > best, value, best)
+    return best
+
+
+def _max_and_first_argmax(flat_features, indices, weights):
+    """The max over the S samples and the first sample attaining it, as one reduction over a minor sample axis.
+
+    The reduction's output is the argmax, materialised once. Built from a chain of selects instead, it is cheap
+    elementwise work that XLA copies into each of the S * 4 backward scatters, recomputing every sample there
+    (forward + backward 3-4x slower), and copies that contract the sums into multiply-adds differently can break
+    an exact tie differently and send a bin's cotangent twice (test_each_bin_sends_its_cotangent_once).
     """
-    value = None
-    for index, weight in zip(indices, weights):
-        term = flat_features.at[index].get(mode="promise_in_bounds")
-        term = rounded_product(term, weight[..., None].astype(term.dtype))
-        value = term if value is None else value + term
-    return value
-
-
-def _sample_max(flat_features, indices, weights, with_argmax):
-    """Max over samples s of sum_k flat_features[indices[s, k]] * weights[s, k], and (with_argmax) the first s
-    attaining it (int8 while the sample count fits). Strict ">" keeps the earliest sample on ties."""
     num_samples = indices.shape[0]
-    argmax_dtype = jnp.int8 if num_samples <= 127 else jnp.int32
-    best = argmax = None
-    for s in range(num_samples):
-        value = _sample_value(flat_features, indices[s], weights[s])
-        if best is None:
-            best = value
-            argmax = jnp.zeros(value.shape, argmax_dtype) if with_argmax else None
-            continue
-        larger = value > best
-        best = jnp.where(larger, value, best)
-        if with_argmax:
-            argmax = jnp.where(larger, jnp.asarray(s, argmax_dtype), argmax)
-    return best, argmax
+    values = [_sum_of_weighted_gathers(flat_features, indices[s], weights[s]) for s in range(num_samples)]
+    values = jnp.stack(values, axis=-1)
+    sample = jax.lax.broadcasted_iota(_argmax_dtype(num_samples), values.shape, values.ndim - 1)
+
+    def larger_or_first(a, b):
+        (a_value, a_sample), (b_value, b_sample) = a, b
+        take_b = (b_value > a_value) | ((b_value == a_value) & (b_sample < a_sample))
+        return jnp.where(take_b, b_value, a_value), jnp.where(take_b, b_sample, a_sample)
+
+    init = (jnp.array(-jnp.inf, values.dtype), jnp.array(num_samples, sample.dtype))
+    return jax.lax.reduce((values, sample), init, larger_or_first, (values.ndim - 1,))
 
 
 @jax.custom_vjp
 def _max_of_samples(flat_features, indices, weights):
     """[P, C], [S, 4, ...], [S, 4, ...] -> [..., C]: the largest of S bilinear samples (4 weighted neighbours
     each). The gradient goes to the 4 neighbours of the winning sample, the first one on ties."""
-    return _sample_max(flat_features, indices, weights, with_argmax=False)[0]
+    return _running_max(flat_features, indices, weights)
 
 
 def _max_of_samples_forward(flat_features, indices, weights):
-    best, argmax = _sample_max(flat_features, indices, weights, with_argmax=True)
+    best, argmax = _max_and_first_argmax(flat_features, indices, weights)
     return best, (flat_features, indices, weights, argmax)
 
 
