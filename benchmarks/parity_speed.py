@@ -1,17 +1,20 @@
-"""Inference time of the parity run: torchvision's maskrcnn_resnet50_fpn and ours with its converted weights, on the
-photograph tests/test_convert_torchvision.py uses (matplotlib's grace_hopper.jpg, 600 x 512 -> 937 x 800 input).
+"""Parity and inference time on photographs: torchvision's `model([image])` against our `Predictor(image)` with its
+converted weights and configs/torchvision_maskrcnn_r50_fpn.py as it is (padded canvases, as torchvision pads), on
+the photographs tests/test_convert_torchvision.py uses (grace_hopper and scikit-image's rocket, a small chelsea crop,
+coffee enlarged 3x and a portrait astronaut crop).
 
-    .venv/bin/python benchmarks/parity_speed.py           # prints the table
-    .venv/bin/python benchmarks/parity_speed.py --write   # and rewrites its section of RESULTS.md
+    .venv/bin/python benchmarks/parity_speed.py [--repeats=3] [--stream=20]           # prints the tables
+    .venv/bin/python benchmarks/parity_speed.py --write                                # and rewrites RESULTS.md's section
 
-Both sides run batch 1, float32, eval mode, steady state (median of several runs after one warm-up; our compile time
-is reported apart). Rows:
-  * network: the model on the preprocessed tensor (torchvision: backbone + RPN + RoI heads; ours: the jitted
-    `MaskRCNN.predict` on the same 960 x 800 padded input);
-  * ours on the 1344 x 1344 canvas of configs/torchvision_maskrcnn_r50_fpn.py, the fixed shape a static-shape
-    pipeline compiles once for every COCO image;
-  * end to end: torchvision's `model([image])` against our `Predictor(image)` on the uint8 photograph, i.e. also
-    the resize, normalisation, box mapping and mask pasting of each.
+Both sides run batch 1, float32, eval mode, on the uint8 photograph: resize, normalise, pad, network, boxes mapped
+back, masks pasted. Tables:
+  * per photograph: the agreement of the top 50 detections (labels, largest score and box differences, median and
+    smallest mask IoU), torchvision's steady-state time (median of --repeats after one warm-up), our first call (which
+    compiles the network when the photograph's canvas is new) and our steady state;
+  * grace_hopper on the fixed 1344 x 1344 canvas (data.eval_canvas=fixed), the single-compile alternative;
+  * a stream of --stream photographs of mixed sizes (random crops and rescalings of the five), run once through a
+    fresh Predictor with exact padding and once with the sides bucketed to (800, 1088, 1344): the compiles, distinct
+    canvases and the wall time of the whole stream, compiles included.
 Random weights with randomised BatchNorm statistics (as in the parity test) make the detections real ones (100,
 scores near 1), so both sides do the full amount of work.
 """
@@ -19,20 +22,21 @@ scores near 1), so both sides do the full amount of work.
 import argparse
 import importlib.util
 import pathlib
+import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from timing import machine_line, median_seconds, time_jax, write_section  # noqa: E402
+from timing import machine_line, median_seconds, write_section  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+BUCKET_SIDES = (800, 1088, 1344)
 
 
 def load_test_module():
-    """The parity test's photo loader and randomisation, so both measure the very same model and input."""
+    """The parity test's photographs, randomisation and comparison, so both measure the very same model and input."""
     path = REPO / "tests" / "test_convert_torchvision.py"
     spec = importlib.util.spec_from_file_location("test_convert_torchvision", path)
     module = importlib.util.module_from_spec(spec)
@@ -40,10 +44,39 @@ def load_test_module():
     return module
 
 
+def mixed_stream(photos, count, seed=0):
+    """`count` photographs of mixed sizes: random crops (aspect 0.5 to 2) of the photographs, rescaled by 0.5 to 3."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    bases = list(photos.values())
+    stream = []
+    for k in range(count):
+        base = bases[k % len(bases)]
+        height, width = base.shape[:2]
+        crop_h = int(rng.uniform(0.4, 1.0) * height)
+        crop_w = int(min(width, max(16, crop_h * rng.uniform(0.5, 2.0))))
+        top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+        crop = base[top:top + crop_h, left:left + crop_w]
+        scale = rng.uniform(0.5, 3.0)
+        size = (max(16, int(crop_w * scale)), max(16, int(crop_h * scale)))
+        stream.append(np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR)))
+    return stream
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--write", action="store_true", help="rewrite the parity_speed section of RESULTS.md")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stream", type=int, default=20, help="photographs in the mixed-size stream")
     args = parser.parse_args()
 
     import torch
@@ -53,69 +86,109 @@ def main():
     from maskrcnn_jax.convert.coco_categories import coco_category_map
     from maskrcnn_jax.convert.configs import default_config
     from maskrcnn_jax.inference import Predictor
-    from maskrcnn_jax.modeling.mask_rcnn import build_model
 
     parity = load_test_module()
     torch.manual_seed(0)
     reference = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
     parity.randomize_torchvision_model(torch, reference)
-    photo = torch.from_numpy(parity.grace_hopper()).permute(2, 0, 1).float() / 255
-    with torch.no_grad():
-        image_list, _ = reference.transform([photo])
-
-    def torch_network():
-        with torch.no_grad():
-            features = reference.backbone(image_list.tensors)
-            proposals, _ = reference.rpn(image_list, features)
-            return reference.roi_heads(features, proposals, image_list.image_sizes)
-
-    def torch_end_to_end():
-        with torch.no_grad():
-            return reference([photo])
-
     config = default_config("torchvision")
-    model = build_model(config.model)
-    variables = jax.device_put(from_torchvision(reference.state_dict()))
-    predict = lambda v, x, s: model.apply(v, x, s, method=model.predict)  # noqa: E731
-    images = jnp.asarray(image_list.tensors.numpy().transpose(0, 2, 3, 1))
-    sizes = jnp.asarray(image_list.image_sizes, jnp.int32)
-    canvas = tuple(config.data.canvas_size)
-    big = jnp.zeros((1, *canvas, 3), jnp.float32).at[:, : images.shape[1], : images.shape[2]].set(images)
+    variables = from_torchvision(reference.state_dict())
+    categories = coco_category_map(config.model.num_classes)
 
+    def predictor_for(**data):
+        c = config.copy_and_resolve_references()
+        for key, value in data.items():
+            setattr(c.data, key, value)
+        return Predictor(c, variables, categories)
+
+    def torch_predict(photo):
+        with torch.no_grad():
+            return reference([torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255])[0]
+
+    photos = parity.photographs()
+    predictor = predictor_for()
     rows = []
-    torch_seconds = median_seconds(torch_network, repeats=args.repeats)
-    compile_seconds, ours_seconds = time_jax(predict, variables, images, sizes, repeats=args.repeats)
-    rows.append((f"network, {images.shape[1]}x{images.shape[2]} input", torch_seconds, ours_seconds, compile_seconds))
-    compile_big, ours_big = time_jax(predict, variables, big, sizes, repeats=args.repeats)
-    rows.append((f"ours on the {canvas[0]}x{canvas[1]} config canvas", torch_seconds, ours_big, compile_big))
-    end_to_end = median_seconds(torch_end_to_end, repeats=args.repeats)
-    # Ours end to end: the Predictor on the uint8 photograph (host resize, network, box mapping, mask pasting), on
-    # the 960 x 800 canvas the parity test uses.
-    config.data.canvas_size = tuple(images.shape[1:3])
-    predictor = Predictor(config, variables, coco_category_map(config.model.num_classes))
-    photo_uint8 = parity.grace_hopper()
-    predict_photo = lambda: predictor(photo_uint8, score_threshold=0.0)  # noqa: E731
+    for name, photo in photos.items():
+        expected = {k: v.numpy() for k, v in torch_predict(photo).items()}
+        torch_seconds = median_seconds(lambda: torch_predict(photo), repeats=args.repeats)
+        start = time.perf_counter()
+        actual = predictor(photo, score_threshold=0.0)
+        first = time.perf_counter() - start
+        ours = median_seconds(lambda: predictor(photo, score_threshold=0.0), repeats=args.repeats, warmup=0)
+        stats = parity.compare_detections(expected, actual)
+        canvas = predictor.canvas_for(_resized(predictor, photo))
+        rows.append((name, photo.shape[:2], canvas, stats, torch_seconds, first, ours))
+        print(name, photo.shape[:2], canvas, stats, f"torchvision {torch_seconds:.2f}s ours first {first:.2f}s "
+              f"steady {ours:.2f}s", flush=True)
+
+    fixed = predictor_for(eval_canvas="fixed")
+    grace = photos["grace_hopper"]
     start = time.perf_counter()
-    predict_photo()  # compiles
-    compile_predictor = time.perf_counter() - start
-    ours_end_to_end = median_seconds(predict_photo, repeats=args.repeats)
-    rows.append(("end to end: `model([image])` vs `Predictor(image)` (resize, network, pasting)", end_to_end,
-                 ours_end_to_end, compile_predictor))
+    fixed_result = fixed(grace, score_threshold=0.0)
+    fixed_first = time.perf_counter() - start
+    fixed_steady = median_seconds(lambda: fixed(grace, score_threshold=0.0), repeats=args.repeats, warmup=0)
+    fixed_stats = parity.compare_detections({k: v.numpy() for k, v in torch_predict(grace).items()}, fixed_result)
+    print("fixed canvas", fixed_stats, fixed_first, fixed_steady, flush=True)
+
+    stream = mixed_stream(photos, args.stream)
+    stream_rows = []
+    for label, kwargs in [("exact padding to 32 (the config)", {}),
+                          (f"sides bucketed to {BUCKET_SIDES}", {"eval_canvas_sides": BUCKET_SIDES})]:
+        streamed = predictor_for(**kwargs)
+        canvases = {streamed.canvas_for(_resized(streamed, image)) for image in stream}
+        start = time.perf_counter()
+        for _ in streamed.predict_iter(stream, score_threshold=0.0):
+            pass
+        seconds = time.perf_counter() - start
+        stream_rows.append((label, len(streamed.compiled_shapes), len(canvases), seconds))
+        print(label, stream_rows[-1], flush=True)
+    sizes = sorted({image.shape[:2] for image in stream})
 
     lines = [
-        "## Parity run: torchvision maskrcnn_resnet50_fpn vs ours with converted weights (grace_hopper.jpg)",
+        "## Parity and speed on photographs: torchvision maskrcnn_resnet50_fpn vs ours with converted weights",
         "",
-        f"`.venv/bin/python benchmarks/parity_speed.py --write` on {machine_line()}.",
+        f"Command: `.venv/bin/python benchmarks/parity_speed.py --repeats={args.repeats} --stream={args.stream}` at "
+        f"commit {commit()}, on {machine_line()}.",
+        "Both sides on the uint8 photograph (resize, normalise, pad, network, boxes mapped back, masks pasted),",
+        "batch 1, float32; ours with configs/torchvision_maskrcnn_r50_fpn.py as it is (each image padded to a",
+        "multiple of 32, as torchvision pads). Agreement is over the top 50 detections (masks binarised at 0.5);",
+        "times are medians of the steady state; our first call compiles when the photograph's canvas is new.",
         "",
-        "| what | torchvision (s) | ours (s) | ours / torchvision | our compile (s) |",
-        "|---|---|---|---|---|",
+        "| photograph | size | canvas | labels agree | max score diff | max box diff (px) | median / min mask IoU "
+        "| torchvision (s) | ours, first call (s) | ours, steady (s) | ours / torchvision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, theirs, ours, compile_time in rows:
-        lines.append(f"| {name} | {theirs:.3f} | {ours:.3f} | {ours / theirs:.2f} | {compile_time:.1f} |")
+    for name, size, canvas, stats, theirs, first, ours in rows:
+        lines.append(f"| {name} | {size[0]}x{size[1]} | {canvas[0]}x{canvas[1]} | {stats['labels_agree']:.0%} | "
+                     f"{stats['max_score_diff']:.1e} | {stats['max_box_diff']:.3f} | {stats['median_mask_iou']:.3f} / "
+                     f"{stats['min_mask_iou']:.3f} | {theirs:.2f} | {first:.2f} | {ours:.2f} | {ours / theirs:.2f} |")
+    grace_torch = rows[0][4]
+    lines += [
+        "",
+        f"grace_hopper on the fixed 1344x1344 canvas instead (`--config.data.eval_canvas=fixed`, one compile for "
+        f"every image): labels agree {fixed_stats['labels_agree']:.0%}, max box diff "
+        f"{fixed_stats['max_box_diff']:.1f} px, median mask IoU {fixed_stats['median_mask_iou']:.3f}; first call "
+        f"{fixed_first:.2f} s, steady {fixed_steady:.2f} s ({fixed_steady / grace_torch:.2f}x torchvision).",
+        "",
+        f"A stream of {args.stream} photographs of mixed sizes (random crops and rescalings of the five, "
+        f"{min(s[0] for s in sizes)} to {max(s[0] for s in sizes)} px high, {min(s[1] for s in sizes)} to "
+        f"{max(s[1] for s in sizes)} px wide), through a fresh Predictor:",
+        "",
+        "| canvases | compiles | distinct canvases | whole stream, compiles included (s) |",
+        "|---|---|---|---|",
+    ]
+    for label, compiles, distinct, seconds in stream_rows:
+        lines.append(f"| {label} | {compiles} | {distinct} | {seconds:.1f} |")
     text = "\n".join(lines)
     print(text)
     if args.write:
         write_section("parity_speed", text)
+
+
+def _resized(predictor, image):
+    from maskrcnn_jax.serving import host
+
+    return host.resized_size(image.shape[0], image.shape[1], predictor.spec)
 
 
 if __name__ == "__main__":
