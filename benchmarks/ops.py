@@ -1,11 +1,14 @@
 """Times each op against torchvision on this machine, same inputs, side by side in one run.
 
     .venv/bin/python benchmarks/ops.py            # prints the table and rewrites its section of RESULTS.md
+    .venv/bin/python benchmarks/ops.py --only roi # RoI pooling rows only, printed; RESULTS.md is left alone
 
 Ours: jit-compiled, steady state (compile excluded, reported separately). torchvision: eager, its CPU kernels.
 Both use the machine's default thread counts. Ratio = ours / torchvision (lower is better; < 1 is faster).
+"fwd+bwd" rows time the feature gradient for a random cotangent (torchvision: autograd on the same).
 """
 
+import argparse
 import math
 import sys
 
@@ -49,13 +52,55 @@ def torch_time(fn, repeats=7):
         return median_seconds(fn, repeats=repeats)
 
 
-def main():
+def time_jax_forward_backward(pool, features, boxes, cotangent):
+    """(compile s, median s) of pool's forward and its VJP w.r.t. the features, jit-compiled."""
+
+    def forward_backward(f, b, c):
+        _, vjp = jax.vjp(lambda x: pool(x, b), f)
+        return vjp(c)[0]
+
+    return time_jax(forward_backward, features, boxes, cotangent)
+
+
+def torch_forward_backward_time(forward, leaves, cotangent, repeats=7):
+    """Median seconds of forward() and its backward into the `leaves` (tensors that require grad)."""
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        forward().backward(cotangent)
+
+    return median_seconds(step, repeats=repeats)
+
+
+def table2c_variants(multilevel, output, aligned):
+    """The Mask R-CNN paper's Table 2c poolings beside RoIAlign avg: name -> pool(features, boxes). torchvision has
+    no max mode and no RoIWarp, so its RoIAlign (avg, same samples per bin) is their peer in the table."""
+    if multilevel:
+        return {
+            "multilevel_roi_align max": lambda f, b: ops.multilevel_roi_align(f, b, output, STRIDES, 2, aligned, "max"),
+            "multilevel_roi_warp avg": lambda f, b: ops.multilevel_roi_warp(f, b, output, STRIDES, 2, "avg"),
+            "multilevel_roi_warp max": lambda f, b: ops.multilevel_roi_warp(f, b, output, STRIDES, 2, "max"),
+        }
+    return {
+        "roi_align max": lambda f, b: ops.roi_align(f, b, output, 1 / 8, 2, aligned, "max"),
+        "roi_warp avg": lambda f, b: ops.roi_warp(f, b, output, 1 / 8, 2, "avg"),
+        "roi_warp max": lambda f, b: ops.roi_warp(f, b, output, 1 / 8, 2, "max"),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Times each op against torchvision.")
+    parser.add_argument("--only", choices=["roi"], help="time only these rows and print them; RESULTS.md is left alone")
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
+    # Cotangents come from their own stream so that the rows after them keep their inputs.
+    cotangent_rng = np.random.default_rng(1)
     rows = []
 
     def record(name, size, ours, theirs, compile_s):
         rows.append((name, size, ours * 1e3, theirs * 1e3, ours / theirs, compile_s))
-        print(f"{name:28s} {size:44s} ours {ours * 1e3:9.2f} ms  torchvision {theirs * 1e3:9.2f} ms  "
+        print(f"{name:40s} {size:44s} ours {ours * 1e3:9.2f} ms  torchvision {theirs * 1e3:9.2f} ms  "
               f"ratio {ours / theirs:5.2f}  compile {compile_s:5.1f} s", flush=True)
 
     # -- RoIAlign: 1,000 boxes on the P2-P5 levels of an 800x1344 input, C=256 -------------------------------
@@ -63,24 +108,58 @@ def main():
     boxes_np = random_boxes(rng, 1000, *IMAGE)
     levels_nhwc = [jnp.asarray(x.transpose(0, 2, 3, 1)) for x in levels_np]
     levels_torch = {str(i): torch.from_numpy(x) for i, x in enumerate(levels_np)}
+    pyramid_size = "1000 boxes, P2-P5 of 800x1344, C=256"
     for output in (7, 14):
         pooler = MultiScaleRoIAlign(list(levels_torch), output, sampling_ratio=2)
-        compile_s, ours = time_jax(
-            lambda f, b: ops.multilevel_roi_align(f, b, output, STRIDES, 2, False), levels_nhwc, boxes_np[None]
-        )
+        align_avg = lambda f, b: ops.multilevel_roi_align(f, b, output, STRIDES, 2, False)  # noqa: E731
+        compile_s, ours = time_jax(align_avg, levels_nhwc, boxes_np[None])
         theirs = torch_time(lambda: pooler(levels_torch, [torch.from_numpy(boxes_np)], [IMAGE]))
-        record(f"multilevel_roi_align {output}x{output}", "1000 boxes, P2-P5 of 800x1344, C=256", ours, theirs, compile_s)
+        record(f"multilevel_roi_align {output}x{output}", pyramid_size, ours, theirs, compile_s)
+        variants = table2c_variants(True, output, False)
+        for name, pool in variants.items():
+            compile_s, ours = time_jax(pool, levels_nhwc, boxes_np[None])
+            record(f"{name} {output}x{output}", pyramid_size, ours, theirs, compile_s)
+
+        cotangent = cotangent_rng.standard_normal((1, 1000, output, output, 256)).astype(np.float32)
+        leaves = {k: v.clone().requires_grad_() for k, v in levels_torch.items()}
+        theirs = torch_forward_backward_time(
+            lambda: pooler(leaves, [torch.from_numpy(boxes_np)], [IMAGE]),
+            list(leaves.values()),
+            torch.from_numpy(cotangent[0].transpose(0, 3, 1, 2).copy()),
+        )
+        for name, pool in {"multilevel_roi_align": align_avg, **variants}.items():
+            compile_s, ours = time_jax_forward_backward(pool, levels_nhwc, boxes_np[None], cotangent)
+            record(f"{name} {output}x{output} fwd+bwd", pyramid_size, ours, theirs, compile_s)
 
     p3_np = levels_np[1]
     p3 = levels_nhwc[1]
-    compile_s, ours = time_jax(lambda f, b: ops.roi_align(f, b, 7, 1 / 8, 2, True), p3, boxes_np[None])
+    p3_size = "1000 boxes, 100x168x256 (P3)"
+    align_avg = lambda f, b: ops.roi_align(f, b, 7, 1 / 8, 2, True)  # noqa: E731
+    compile_s, ours = time_jax(align_avg, p3, boxes_np[None])
     rois = torch.from_numpy(np.concatenate([np.zeros((1000, 1), np.float32), boxes_np], 1))
     theirs = torch_time(lambda: torchvision.ops.roi_align(torch.from_numpy(p3_np), rois, 7, 1 / 8, 2, True))
-    record("roi_align 7x7", "1000 boxes, 100x168x256 (P3)", ours, theirs, compile_s)
+    record("roi_align 7x7", p3_size, ours, theirs, compile_s)
+    variants = table2c_variants(False, 7, True)
+    for name, pool in variants.items():
+        compile_s, ours = time_jax(pool, p3, boxes_np[None])
+        record(f"{name} 7x7", p3_size, ours, theirs, compile_s)
+
+    cotangent = cotangent_rng.standard_normal((1, 1000, 7, 7, 256)).astype(np.float32)
+    p3_leaf = torch.from_numpy(p3_np).requires_grad_()
+    theirs = torch_forward_backward_time(
+        lambda: torchvision.ops.roi_align(p3_leaf, rois, 7, 1 / 8, 2, True),
+        [p3_leaf],
+        torch.from_numpy(cotangent[0].transpose(0, 3, 1, 2).copy()),
+    )
+    for name, pool in {"roi_align": align_avg, **variants}.items():
+        compile_s, ours = time_jax_forward_backward(pool, p3, boxes_np[None], cotangent)
+        record(f"{name} 7x7 fwd+bwd", p3_size, ours, theirs, compile_s)
 
     compile_s, ours = time_jax(lambda f, b: ops.roi_pool(f, b, 7, 1 / 8), p3, boxes_np[None])
     theirs = torch_time(lambda: torchvision.ops.roi_pool(torch.from_numpy(p3_np), rois, 7, 1 / 8))
     record("roi_pool 7x7", "1000 boxes, 100x168x256 (P3)", ours, theirs, compile_s)
+    if args.only == "roi":
+        return
 
     # -- NMS: 10,000 boxes ----------------------------------------------------------------------------------
     scores_np = rng.uniform(0, 1, 10000).astype(np.float32)
