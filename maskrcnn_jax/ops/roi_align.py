@@ -14,6 +14,8 @@ larger than the output is materialised; the gradient is the matching chain of sc
 torchvision, there is no gradient w.r.t. the boxes. The multi-level version flattens all levels into one
 [sum(H_l * W_l), C] array and does the same single gather with per-box offset/height/width/scale.
 
+"max" runs the same gathers as a running max in one loop; for its gradient the forward keeps the winning sample
+of each (bin, channel), and the backward is the same chain of scatter-adds, each sample sending only what it won.
 The sampling (`_sample_bins`) takes any RoI frame (start and extent per axis); RoIWarp (roi_warp.py) feeds it
 RoIPool's quantized boxes.
 """
@@ -244,10 +246,11 @@ def _running_max(flat_features, indices, weights):
 def _max_and_first_argmax(flat_features, indices, weights):
     """The max over the S samples and the first sample attaining it, as one reduction over a minor sample axis.
 
-    The reduction's output is the argmax, materialised once. Built from a chain of selects instead, it is cheap
+    The reduction's output, the argmax, is materialised once. Built from a chain of selects instead, it is cheap
     elementwise work that XLA copies into each of the S * 4 backward scatters, recomputing every sample there
-    (forward + backward 3-4x slower), and copies that contract the sums into multiply-adds differently can break
-    an exact tie differently and send a bin's cotangent twice (test_each_bin_sends_its_cotangent_once).
+    (forward + backward of 1000 RoIs 7x7 on P3: 2.9 s against 1.3 s), and copies that contract the sums into
+    multiply-adds differently can break an exact tie differently and send a bin's cotangent twice
+    (test_each_bin_sends_its_cotangent_once).
     """
     num_samples = indices.shape[0]
     values = [_sum_of_weighted_gathers(flat_features, indices[s], weights[s]) for s in range(num_samples)]
