@@ -7,11 +7,11 @@ heatmaps of COCO's 17 keypoints, decoded as torchvision's heatmaps_to_keypoints 
     python -m maskrcnn_jax.convert --from=torchvision keypointrcnn_resnet50_fpn_coco-fc266e95.pth --out=WORKDIR
 """
 
-from maskrcnn_jax.convert.configs import torchvision_maskrcnn_r50_fpn
+from maskrcnn_jax.convert.configs.torchvision_maskrcnn_r50_fpn import get_config as torchvision_maskrcnn_config
 
 
 def get_config():
-    config = torchvision_maskrcnn_r50_fpn.get_config()
+    config = torchvision_maskrcnn_config()
     m = config.model
     m.num_classes = 2
     m.mask_on = False
