@@ -13,6 +13,13 @@ The boxes are sorted by score and visited in blocks of `block_size`. For each bl
 The loop stops once `max_output` boxes are kept, or at the first block of padding (invalid boxes rank last). The work is therefore about
 (#boxes visited) x (#boxes kept) IoUs, computed as dense tiles, instead of torchvision's serial
 (#boxes kept) x N scalar loop, and boxes past the `max_output`-th kept one are never looked at.
+
+On a GPU each trip of a `while_loop` (and each `cond`) reads a predicate back to the host. The loops here make few
+trips: on benchmarks/ops.py's 10,000 boxes, 32 in all for the RPN-like case keeping 1,000 (4 blocks, 24 kept-tile
+trips, 4 fixed-point rounds), 129 keeping 2,000 and 89 under heavy overlap, plus one `cond` per block; under `vmap`
+the loops run once for the batch and the `cond` becomes a select. An exact form with static trip counts has to
+resolve each block's greedy order one candidate at a time (10,000 trips) against the whole kept buffer; measured
+on a 2-core CPU it took 34-44 ms against 1.4-2.2 ms here, so the loops stay data-dependent.
 """
 
 import math
