@@ -1,6 +1,6 @@
 """detectron2 checkpoints (.pkl pickles of NumPy arrays) -> our Flax variables.
 
-Two layouts are understood (names as detectron2 itself writes and reads them):
+Three layouts are understood (names as detectron2 itself writes and reads them):
 
 * A model-zoo Mask R-CNN R50/R101-FPN (e.g. COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x, model_final_f10217.pkl:
   {"model": {name: array}, "__author__": ...}). Names are those of detectron2's modules:
@@ -15,11 +15,20 @@ Two layouts are understood (names as detectron2 itself writes and reads them):
     roi_heads.mask_head.predictor.{weight,bias} [K, 256, 1, 1] (or [1, ...] class-agnostic), no background
   `pixel_mean` / `pixel_std` and anchor buffers, which older files carry, describe preprocessing and anchors that
   the config sets; they are checked to be present at most once and otherwise skipped.
+* A model-zoo Mask R-CNN R50/R101-C4 (COCO-InstanceSegmentation/mask_rcnn_R_50_C4_{1x,3x}; detectron2's
+  Res5ROIHeads), for a model with backbone.kind "c4" (configs/detectron2_maskrcnn_r50_c4.py). The backbone is a
+  bare ResNet up to res4, so its names lack `bottom_up`; res5 runs on RoIs under `roi_heads`:
+    backbone.stem.conv1.*, backbone.res{2-4}.{b}.* -> backbone/body/... as above
+    proposal_generator.rpn_head.* as above, with 15 anchors (5 sizes x 3 ratios) per position
+    roi_heads.res5.{b}.conv{1,2,3}.*, ...shortcut.* -> res5/block_{b}/... (resnet.py's names)
+    roi_heads.box_predictor.{cls_score,bbox_pred} [.., 2048] as above (on res5's average-pooled output)
+    roi_heads.mask_head.deconv [2048, 256, 2, 2] and .predictor as above (no mask_fcn convs)
 * The MSRA ImageNet backbones (ImageNetPretrained/MSRA/R-50.pkl, R-101.pkl), Caffe2 blob names, possibly under
   "blobs": conv1_w, res_conv1_bn_{s,b}, res{2-5}_{b}_branch1_w, res{2-5}_{b}_branch1_bn_{s,b},
   res{2-5}_{b}_branch2{a,b,c}_w, res{2-5}_{b}_branch2{a,b,c}_bn_{s,b}, fc1000_{w,b} (dropped), *_momentum (dropped).
   The Caffe2 affine "bn" has a scale and a shift only; as detectron2 does, its FrozenBN gets running_mean 0 and
-  running_var 1. This yields the backbone body only; merge it with `merge_pretrained`.
+  running_var 1. This yields the backbone body only (for a C4 model, `backbone_kind="c4"`, with res5 at res5/...);
+  merge it with `merge_pretrained`.
 
 Conventions (set by configs/detectron2_maskrcnn_r50_fpn.py): the stride sits in the first 1x1 conv
 (stride_in_1x1=True), RoIAlign is aligned, and the networks were trained on BGR images minus the Caffe mean with
@@ -48,7 +57,9 @@ from maskrcnn_jax.convert.layout import (
     conv_kernel,
     conv_transpose_kernel,
     dense_kernel,
+    check_backbone_kind,
     dense_kernel_from_nchw_flatten,
+    layer4_as_res5,
     to_numpy,
 )
 
@@ -58,6 +69,7 @@ logger = logging.getLogger(__name__)
 # BatchNorm step counters.
 _SKIPPED = re.compile(r"^(pixel_mean|pixel_std)$|anchor_generator\.cell_anchors|(^|\.)num_batches_tracked$")
 _CAFFE2_SKIPPED = re.compile(r"_momentum$|^fc1000_[wb]$")
+STEM_CONV = ("backbone", "body", "conv1")  # the one conv that reads the image
 _NORM_LEAVES = {"weight": "weight", "bias": "bias", "running_mean": "running_mean", "running_var": "running_var"}
 
 
@@ -141,16 +153,20 @@ def _class_rows(value: np.ndarray, num_classes: int | None, per_class: int, what
     return np.concatenate([np.zeros((per_class, *value.shape[1:]), value.dtype), value], axis=0)
 
 
-def from_detectron2(weights: Mapping[str, Any], *, norm: str = "frozen_bn", input_order: str = "rgb") -> dict:
+def from_detectron2(weights: Mapping[str, Any], *, norm: str = "frozen_bn", input_order: str = "rgb",
+                    backbone_kind: str = "fpn") -> dict:
     """detectron2 weights ({name: array}, e.g. from `load_detectron2_pickle`) -> {"params", "batch_stats"}.
 
     `norm` is the backbone norm of the receiving model (see `from_torchvision`); `input_order` is the channel order
     the receiving pipeline feeds ("rgb": reverse conv1's input channels, see the module docstring). A full Mask
-    R-CNN yields every variable of the model built from configs/detectron2_maskrcnn_r50_fpn.py (num_classes = K + 1);
-    an MSRA backbone yields backbone/body only. Unknown names raise ValueError.
+    R-CNN yields every variable of the model built from configs/detectron2_maskrcnn_r50_fpn.py, or for a C4 file
+    configs/detectron2_maskrcnn_r50_c4.py (num_classes = K + 1); an MSRA backbone yields backbone/body only, its
+    res5 at res5/... when `backbone_kind` (the receiving `model.backbone.kind`) is "c4". Unknown names raise
+    ValueError.
     """
     if input_order not in ("rgb", "bgr"):
         raise ValueError(f"input_order must be 'rgb' or 'bgr', got {input_order!r}")
+    check_backbone_kind(backbone_kind)
     weights = {key: to_numpy(value) for key, value in weights.items()}
     skipped = []
     if is_caffe2_names(weights):
@@ -175,20 +191,36 @@ def from_detectron2(weights: Mapping[str, Any], *, norm: str = "frozen_bn", inpu
     if not tree.sources:
         raise ValueError("no detectron2 ResNet or Mask R-CNN weights found")
     logger.info("detectron2 import: %d variables; skipped %s", len(tree.sources), skipped or "nothing")
-    return tree.variables
+    return layer4_as_res5(tree.variables) if backbone_kind == "c4" else tree.variables
+
+
+def _resnet_module_path(key: str, parts: list[str]) -> tuple[tuple[str, ...], str | None] | None:
+    """Our module path of a ResNet conv or norm key and whether it is the norm, or None for other keys: the FPN
+    backbone's `backbone.bottom_up.*`, the C4 backbone's `backbone.{stem,res2-4}.*` and the C4 head's
+    `roi_heads.res5.*`."""
+    if key.startswith("backbone.bottom_up."):
+        path, is_norm = _bottom_up_path(parts[2:-1])
+        return ("backbone", "body", *path), is_norm
+    if re.match(r"backbone\.(stem|res\d)\.", key):
+        path, is_norm = _bottom_up_path(parts[1:-1])
+        return ("backbone", "body", *path), is_norm
+    if key.startswith("roi_heads.res5."):
+        path, is_norm = _bottom_up_path(parts[1:-1])  # (layer4, block_b, ...): the fifth stage's own names
+        return ("res5", *path[1:]), is_norm
+    return None
 
 
 def _put(tree, key, value, norm, input_order, num_classes, fpn_channels):
     parts = key.split(".")
     leaf = parts[-1]
-    if key.startswith("backbone.bottom_up."):
-        path, is_norm = _bottom_up_path(parts[2:-1])
-        path = ("backbone", "body", *path)
+    resnet_module = _resnet_module_path(key, parts)
+    if resnet_module is not None:
+        path, is_norm = resnet_module
         if is_norm:
             tree.put_norm(path, _NORM_LEAVES[leaf], value, key, norm)
         elif leaf == "weight":
             kernel = conv_kernel(value)
-            if path[-1] == "conv1" and len(path) == 3 and input_order == "rgb":
+            if path == STEM_CONV and input_order == "rgb":
                 kernel = np.ascontiguousarray(kernel[:, :, ::-1, :])  # BGR-trained filters read RGB input
             tree.put("params", (*path, "kernel"), kernel, key)
         else:

@@ -113,3 +113,30 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
             node = node.setdefault(name, {})
         node[path[-1]] = value
     return tree
+
+
+# The C4 model runs ResNet's fifth stage on RoIs: its variables are res5/... instead of backbone/body/layer4/...
+# (modeling/res5_head.py), with the same names below.
+BODY_LAYER4 = ("backbone", "body", "layer4")
+RES5 = ("res5",)
+BACKBONE_KINDS = ("fpn", "c4", "c5")  # model.backbone.kind (modeling/mask_rcnn.py)
+
+
+def check_backbone_kind(backbone_kind: str) -> None:
+    if backbone_kind not in BACKBONE_KINDS:
+        raise ValueError(f"backbone_kind must be one of {BACKBONE_KINDS}, got {backbone_kind!r}")
+
+
+def layer4_as_res5(variables: Mapping[str, Any]) -> dict:
+    """An import for a C4 model (model.backbone.kind "c4"): the body's fifth stage backbone/body/layer4/... (from an
+    ImageNet ResNet) moved to res5/..., in every collection; anything else as it is."""
+    moved = {}
+    for collection, tree in variables.items():
+        flat = {}
+        for path, value in flatten(tree).items():
+            if path[: len(BODY_LAYER4)] == BODY_LAYER4:
+                path = RES5 + path[len(BODY_LAYER4):]
+            flat[path] = value
+        moved[collection] = unflatten(flat)
+    return moved
+

@@ -8,10 +8,12 @@ Two kinds of state dict are understood:
   `roi_heads.mask_head.mask_fcn1.weight`, `backbone.fpn.inner_blocks.0.weight`) or the one current torchvision
   writes (`rpn.head.conv.0.0.weight`, `roi_heads.mask_head.0.0.weight`, `backbone.fpn.inner_blocks.0.0.weight`).
   Every variable of the model is produced.
-* torchvision `resnet50` / `resnet101` ImageNet classifiers (`conv1.weight`, `layer1.0.conv1.weight`, ...,
-  `fc.*`): only the backbone body, placed at `backbone/body/...` of the whole model, to be merged into freshly
-  initialised variables with `maskrcnn_jax.convert.merge_pretrained` (the FPN and heads keep their initialisation;
-  the ImageNet classifier `fc.*` is dropped).
+* torchvision ImageNet classifiers `resnet50` / `resnet101` and the ResNeXts `resnext50_32x4d` /
+  `resnext101_32x8d` (`conv1.weight`, `layer1.0.conv1.weight`, ..., `fc.*`; a ResNeXt's grouped conv2 weight
+  [out, in / groups, 3, 3] is a grouped flax kernel once transposed): only the backbone body, placed at
+  `backbone/body/...` of the whole model (for a C4 model, `backbone_kind="c4"`, its `layer4` at `res5/...`), to be
+  merged into freshly initialised variables with `maskrcnn_jax.convert.merge_pretrained` (the FPN and heads keep
+  their initialisation; the ImageNet classifier `fc.*` is dropped).
 
 Names follow the table in modeling/resnet.py and modeling/fpn.py; conv kernels become [kh, kw, in, out], linear
 weights [in, out], the first box-head FC has its inputs re-ordered from torch's (C, 7, 7) flatten to our NHWC
@@ -32,7 +34,9 @@ from maskrcnn_jax.convert.layout import (
     conv_kernel,
     conv_transpose_kernel,
     dense_kernel,
+    check_backbone_kind,
     dense_kernel_from_nchw_flatten,
+    layer4_as_res5,
     to_numpy,
 )
 
@@ -146,15 +150,17 @@ def is_keypoint_state_dict(state_dict: Mapping[str, Any]) -> bool:
     return any(key.startswith("roi_heads.keypoint_predictor.") for key in state_dict)
 
 
-def from_torchvision(state_dict: Mapping[str, Any], *, norm: str = "frozen_bn") -> dict:
+def from_torchvision(state_dict: Mapping[str, Any], *, norm: str = "frozen_bn", backbone_kind: str = "fpn") -> dict:
     """A torchvision state dict (names -> tensors or arrays) -> {"params": ..., "batch_stats": ...} of NumPy arrays.
 
     `norm` is the backbone norm of the model that will receive the weights (`model.backbone.norm`): with
     "frozen_bn" (torchvision's detection default) every BatchNorm variable goes to batch_stats; with "bn" the affine
     weight and bias go to params. A Mask R-CNN state dict yields every variable of `build_model(config)` for a
-    matching config (see configs/torchvision_maskrcnn_r50_fpn.py); an ImageNet ResNet yields the backbone body only
-    (see the module docstring). Unknown keys raise ValueError, so nothing is silently dropped.
+    matching config (see configs/torchvision_maskrcnn_r50_fpn.py); an ImageNet ResNet or ResNeXt yields the backbone
+    body only (see the module docstring), with its fifth stage at res5 when `backbone_kind` (the receiving
+    `model.backbone.kind`) is "c4". Unknown keys raise ValueError, so nothing is silently dropped.
     """
+    check_backbone_kind(backbone_kind)
     tree = VariableTree()
     detection = is_detection_state_dict(state_dict)
     fpn_channels = None
@@ -182,7 +188,7 @@ def from_torchvision(state_dict: Mapping[str, Any], *, norm: str = "frozen_bn") 
         raise ValueError("the state dict holds no torchvision ResNet or Mask R-CNN weights")
     logger.info("torchvision import: %d variables from %d keys; ignored %d (%s)", len(tree.sources),
                 len(state_dict), len(ignored), ", ".join(sorted({k.rsplit('.', 1)[-1] for k in ignored})) or "none")
-    return tree.variables
+    return layer4_as_res5(tree.variables) if backbone_kind == "c4" else tree.variables
 
 
 def load_torch_file(path: str) -> dict:
