@@ -1,4 +1,7 @@
-"""The whole model: size against torchvision, one compile across instance counts, edge cases, and learning."""
+"""The whole model: size against torchvision and detectron2, the RoI-op switch, one compile across instance counts,
+edge cases, and learning."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +9,14 @@ import numpy as np
 import optax
 import pytest
 
+from maskrcnn_jax import config as config_lib
 from maskrcnn_jax import ops
 from maskrcnn_jax.modeling.defaults import model_config
 from maskrcnn_jax.modeling.mask_rcnn import build_model
+
+from detectron2_zoo import detectron2_c4_zoo_shapes, is_frozen_bn_buffer
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 CANVAS = (128, 128)
 MAX_INSTANCES = 4
@@ -118,6 +126,96 @@ def test_size_matches_torchvision_maskrcnn_resnet50_fpn():
     assert count(shapes["params"]) == 44_401_393
     assert count(shapes["batch_stats"]) == 106_240
     assert count(shapes) == 44_507_633
+
+
+def test_size_matches_detectron2_mask_rcnn_r50_c4():
+    """configs/coco_r50_c4_1x.py against detectron2's R50-C4 Mask R-CNN (Res5ROIHeads, 80 classes), counted from
+    its layer shapes (tests/detectron2_zoo.py): backbone to res4 8,512,704, RPN on res4 9,515,083, res5 14,942,208,
+    box predictor on 2048 channels 821,649, mask head 2,097,408 + 20,560. Ours has its parameters plus the zero
+    background slots of the box regressor (2048 x 4 + 4) and of the mask predictor (256 + 1); its FrozenBN buffers
+    are our batch_stats."""
+    config = config_lib.load(CONFIGS / "coco_r50_c4_1x.py").model
+    shapes = jax.eval_shape(build_model(config).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                            jnp.zeros((1, 2), jnp.int32))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    detectron2 = {name: shape for name, shape in detectron2_c4_zoo_shapes(50, 80).items()
+                  if not name.startswith("pixel_")}
+    weights = sum(int(np.prod(shape)) for name, shape in detectron2.items() if not is_frozen_bn_buffer(name))
+    buffers = sum(int(np.prod(shape)) for name, shape in detectron2.items() if is_frozen_bn_buffer(name))
+    assert weights == 35_909_612 and buffers == 106_240
+    assert count(shapes["params"]) == weights + 2048 * 4 + 4 + 256 + 1 == 35_918_065
+    assert count(shapes["batch_stats"]) == buffers
+
+
+ROI_EXTRACTIONS = [
+    ("align", None, lambda f, b, s, r: ops.multilevel_roi_align(f, b, s, r.pool_strides, r.sampling_ratio, r.aligned)),
+    ("align", "max", lambda f, b, s, r: ops.multilevel_roi_align(f, b, s, r.pool_strides, r.sampling_ratio, r.aligned,
+                                                                 roi_reduce="max")),
+    ("warp", None, lambda f, b, s, r: ops.multilevel_roi_warp(f, b, s, r.pool_strides, r.sampling_ratio)),
+    ("warp", "max", lambda f, b, s, r: ops.multilevel_roi_warp(f, b, s, r.pool_strides, r.sampling_ratio,
+                                                               roi_reduce="max")),
+    ("pool", None, lambda f, b, s, r: ops.multilevel_roi_pool(f, b, s, r.pool_strides)),
+]
+
+
+def pool_with(config, levels, boxes, output_size):
+    """The model's RoI feature extraction (MaskRCNN._pool, which holds no variables) on given levels and boxes."""
+    model = build_model(config)
+
+    def pool(module, levels, boxes):
+        return module._pool(module._pooled_levels(levels), boxes, output_size)
+
+    return model.apply({}, levels, boxes, method=pool)
+
+
+def random_boxes(rng, count, side):
+    xy = rng.uniform(0, side * 0.7, (1, count, 2))
+    wh = rng.uniform(4, side * 0.5, (1, count, 2))
+    return jnp.asarray(np.concatenate([xy, xy + wh], axis=-1), jnp.float32)
+
+
+@pytest.mark.parametrize("roi_op, roi_reduce, reference", ROI_EXTRACTIONS)
+def test_roi_op_and_roi_reduce_pick_the_op(rng, roi_op, roi_reduce, reference):
+    """model.roi_heads.roi_op / roi_reduce (the paper's Table 2c) select the op; every choice pools differently."""
+    config = tiny_config()
+    config.roi_heads.roi_op, config.roi_heads.roi_reduce = roi_op, roi_reduce
+    levels = [jnp.asarray(rng.standard_normal((1, 64 // s, 64 // s, 8)), jnp.float32) for s in (4, 8, 16, 32)]
+    boxes = random_boxes(rng, 12, 64)
+    ours = pool_with(config, levels, boxes, 7)
+    np.testing.assert_array_equal(ours, reference(levels, boxes, 7, config.roi_heads))
+    for other_op, other_reduce, other in ROI_EXTRACTIONS:
+        if (other_op, other_reduce) != (roi_op, roi_reduce):
+            assert not np.allclose(ours, other(levels, boxes, 7, config.roi_heads)), (other_op, other_reduce)
+
+
+@pytest.mark.parametrize("roi_op, roi_reduce, reference", [
+    ("align", "max", lambda f, b, r: ops.roi_align(f, b, 14, 1 / 16, r.sampling_ratio, r.aligned, roi_reduce="max")),
+    ("warp", None, lambda f, b, r: ops.roi_warp(f, b, 14, 1 / 16, r.sampling_ratio)),
+    ("pool", None, lambda f, b, r: ops.roi_pool(f, b, 14, 1 / 16)),
+])
+def test_single_level_pooling_is_the_single_level_op(rng, roi_op, roi_reduce, reference):
+    """On C4 every box pools from the one stride-16 map, exactly as the single-level op does."""
+    config = tiny_config()
+    config.backbone.kind = "c4"
+    config.anchors.strides = config.roi_heads.pool_strides = (16,)
+    config.roi_heads.roi_op, config.roi_heads.roi_reduce = roi_op, roi_reduce
+    level = jnp.asarray(rng.standard_normal((1, 6, 8, 8)), jnp.float32)
+    boxes = random_boxes(rng, 12, 96)
+    np.testing.assert_array_equal(pool_with(config, [level], boxes, 14), reference(level, boxes, config.roi_heads))
+
+
+@pytest.mark.parametrize("roi_op, roi_reduce, message", [
+    ("pool", "max", "roi_reduce applies to 'align' and 'warp'"),
+    ("pool", "avg", "roi_reduce applies to 'align' and 'warp'"),
+    ("align", "median", "roi_reduce must be one of"),
+    ("crop", None, "roi_op must be one of"),
+])
+def test_roi_extraction_rejects_other_settings(roi_op, roi_reduce, message):
+    config = tiny_config()
+    config.roi_heads.roi_op, config.roi_heads.roi_reduce = roi_op, roi_reduce
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(build_model(config).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                       jnp.zeros((1, 2), jnp.int32))
 
 
 def test_train_step_compiles_once_across_instance_counts(tiny, loss_and_grad, rng):

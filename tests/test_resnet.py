@@ -275,3 +275,86 @@ def test_rejects_unknown_depth_and_norm():
     ]:
         with pytest.raises(ValueError, match=message):
             abstract_variables(model)
+
+
+def body_from_torchvision_import(state_dict, **import_options):
+    """The ResNet variables that the importer (convert/torchvision.py) places at backbone/body."""
+    from maskrcnn_jax.convert import from_torchvision
+
+    imported = from_torchvision(state_dict, **import_options)
+    return {collection: jax.tree_util.tree_map(jnp.asarray, tree["backbone"]["body"])
+            for collection, tree in imported.items()}
+
+
+# X101 runs at a reduced input (48 x 48: C5 is 2 x 2) to keep its compile and forward pass short; X50 at 36 x 52,
+# with odd sizes at every stride as in the ResNet-18 test.
+@pytest.mark.parametrize("name, groups, width_per_group, depth, size", [
+    ("resnext50_32x4d", 32, 4, 50, (36, 52)),
+    ("resnext101_32x8d", 32, 8, 101, (48, 48)),
+])
+def test_resnext_matches_torchvision(rng, name, groups, width_per_group, depth, size):
+    """ResNeXt bodies (grouped 3x3 convs) equal torchvision's on random weights converted by the importer."""
+    torch = pytest.importorskip("torch")
+    import torchvision
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(depth)
+    reference = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+    randomize_norms(reference, seed=3)
+    variables = body_from_torchvision_import(reference.state_dict())
+    model = ResNet(depth=depth, groups=groups, width_per_group=width_per_group)
+    assert count(variables) == count(abstract_variables(model))
+    images = rng.standard_normal((1, 3, *size), dtype=np.float32)
+    with torch.no_grad():
+        expected = torchvision_features(reference, images)
+    actual = jax.jit(model.apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
+    for name in FEATURES:
+        assert actual[name].shape == expected[name].shape
+        assert relative_to_max_error(expected[name], actual[name]) < 1e-5, name
+
+
+def test_resnext_widths():
+    """X101-32x8d's res2 bottleneck: 32 groups x 8 = 256 channels in conv1 and the grouped conv2 (8 inputs per
+    output), 256 out of conv3; res5: 2048 and 2048; plain ResNet keeps planes (64 .. 512)."""
+    params = abstract_variables(ResNet(depth=101, groups=32, width_per_group=8), (1, 32, 32, 3))["params"]
+    block = params["layer1"]["block_0"]
+    assert block["conv1"]["kernel"].shape == (1, 1, 64, 256)
+    assert block["conv2"]["kernel"].shape == (3, 3, 8, 256)
+    assert block["conv3"]["kernel"].shape == (1, 1, 256, 256)
+    assert params["layer4"]["block_0"]["conv2"]["kernel"].shape == (3, 3, 64, 2048)
+    plain = abstract_variables(ResNet(depth=50), (1, 32, 32, 3))["params"]
+    assert plain["layer1"]["block_0"]["conv2"]["kernel"].shape == (3, 3, 64, 64)
+
+
+def test_num_stages_three_stops_at_c4():
+    model = ResNet(depth=50, num_stages=3)
+    features, variables = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    assert sorted(features) == ["c2", "c3", "c4"] and features["c4"].shape == (1, 4, 4, 1024)
+    assert sorted(variables["params"]) == ["conv1", "layer1", "layer2", "layer3"]
+    # torchvision resnet50 minus fc (23,454,912 conv weights) minus layer4's 14,942,208
+    assert count(variables["params"]) == 8_512_704
+
+
+def test_res5_head_is_torchvisions_layer4(rng):
+    """The C4 model's res5 head on RoI features equals torchvision resnet50's layer4 (stride 2 in its first block),
+    with the ImageNet layer4 placed at res5 by the importer for a C4 model."""
+    torch = pytest.importorskip("torch")
+    from maskrcnn_jax.convert import from_torchvision
+    from maskrcnn_jax.modeling.res5_head import Res5Head
+
+    reference = torchvision_resnet(50, "frozen_bn")
+    randomize_norms(reference, seed=4)
+    imported = from_torchvision(reference.state_dict(), backbone_kind="c4")
+    assert "layer4" not in imported["params"]["backbone"]["body"]
+    variables = {collection: jax.tree_util.tree_map(jnp.asarray, tree["res5"]) for collection, tree in imported.items()}
+    rois = rng.standard_normal((3, 1024, 14, 14), dtype=np.float32)
+    with torch.no_grad():
+        expected = reference.layer4(torch.from_numpy(rois)).numpy().transpose(0, 2, 3, 1)
+    actual = jax.jit(Res5Head(depth=50).apply)(variables, jnp.asarray(rois.transpose(0, 2, 3, 1))[None])
+    assert actual.shape == (1, 3, 7, 7, 2048)
+    assert relative_to_max_error(expected, actual[0]) < 1e-5
+
+
+def test_grouped_basic_blocks_are_rejected():
+    with pytest.raises(ValueError, match="bottleneck"):
+        abstract_variables(ResNet(depth=18, groups=32, width_per_group=4))

@@ -1,6 +1,7 @@
 """The model's knobs with detectron2's R50-FPN defaults; configs/ start from this and override."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -18,7 +19,14 @@ def model_config() -> ml_collections.ConfigDict:
     c.keypoint_on = False
 
     c.backbone = ml_collections.ConfigDict()
+    # fpn: ResNet-FPN; c4: RPN and RoI pooling on C4 with res5 as the RoI head; c5: RPN and RoI pooling on C5 with
+    # the FPN-style heads (the paper's Table 2; modeling/mask_rcnn.py). c4 and c5 need anchors.strides and
+    # roi_heads.pool_strides of (16,) and (32,), and put every anchor size on that one level.
+    c.backbone.kind = "fpn"
     c.backbone.depth = 50
+    # ResNeXt: groups x width_per_group channels in the first stage's bottleneck (X101-32x8d: 32, 8); 1, 64 is ResNet.
+    c.backbone.groups = 1
+    c.backbone.width_per_group = 64
     c.backbone.norm = "frozen_bn"  # frozen_bn | bn | gn
     c.backbone.freeze_at = 2  # detectron2: stem and res2 frozen when starting from pretrained weights
     c.backbone.stride_in_1x1 = False  # True for MSRA / detectron2 weights
@@ -46,16 +54,18 @@ def model_config() -> ml_collections.ConfigDict:
     c.roi_heads.positive_fraction = 0.25
     c.roi_heads.iou_threshold = 0.5
     c.roi_heads.box_loss_beta = 0.0
-    c.roi_heads.roi_op = "align"  # align | pool (the paper's RoIPool ablation)
+    c.roi_heads.roi_op = "align"  # align | pool | warp (the paper's Table 2c: RoIAlign, RoIPool, RoIWarp)
+    # avg | max over each bin's bilinear samples, for align and warp (unset: avg); RoIPool is a max by definition.
+    c.roi_heads.roi_reduce = config_dict.placeholder(str)
     c.roi_heads.aligned = True  # detectron2's ROIAlignV2; torchvision's weights expect False
     c.roi_heads.sampling_ratio = 2
-    c.roi_heads.box_pool_size = 7
-    c.roi_heads.mask_pool_size = 14
-    c.roi_heads.pool_strides = (4, 8, 16, 32)  # P2..P5, as both peers pool
+    c.roi_heads.box_pool_size = 7  # c4: 14, which res5 halves to 7
+    c.roi_heads.mask_pool_size = 14  # the masks are twice this (c4: twice res5's side, read from the box pooling)
+    c.roi_heads.pool_strides = (4, 8, 16, 32)  # P2..P5, as both peers pool; c4: (16,), c5: (32,)
     c.roi_heads.fc_dim = 1024
     c.roi_heads.mask_head = "fcn"  # fcn | mlp
     c.roi_heads.mask_conv_dim = 256
-    c.roi_heads.mask_num_convs = 4
+    c.roi_heads.mask_num_convs = 4  # c4: 0 (the transposed conv reads res5 directly)
     c.roi_heads.mask_loss = "sigmoid"  # sigmoid | softmax
     c.roi_heads.class_agnostic_mask = False
     # The mask head runs on the smallest of this many prefix sizes (128, 64, 32, 16) that holds every positive RoI

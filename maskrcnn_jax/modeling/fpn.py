@@ -115,6 +115,8 @@ class ResNetFPN(nn.Module):
     norm_eps: float = 1e-5
     freeze_at: int = 0
     stride_in_1x1: bool = False
+    groups: int = 1
+    width_per_group: int = 64
     fpn_channels: int = 256
     fpn_norm: str | None = None
     dtype: Any = jnp.float32
@@ -127,6 +129,8 @@ class ResNetFPN(nn.Module):
             norm_eps=self.norm_eps,
             freeze_at=self.freeze_at,
             stride_in_1x1=self.stride_in_1x1,
+            groups=self.groups,
+            width_per_group=self.width_per_group,
             dtype=self.dtype,
             name="body",
         )

@@ -1,7 +1,12 @@
-"""The box head and the mask heads: parameters and wiring only (their losses and sampling are in roi_heads.py).
+"""The box heads and the mask heads: parameters and wiring only (their losses and sampling are in roi_heads.py).
 
 Variable names follow torchvision's state dict (`fc6`, `fc7`, `cls_score`, `bbox_pred`, `mask_fcn1..4`, `conv5_mask`,
 `mask_fcn_logits`), so a weight import is a rename plus a transpose.
+
+Two box heads, as the paper's Figure 4 draws them: `BoxHead` (right, FPN and C5: two FCs on 7 x 7 RoI features) and
+`GlobalPoolBoxHead` (left, C4: the res5 output averaged over space). The FCN mask head serves both: 4 convs on
+14 x 14 RoI features (FPN, C5), or none on the 7 x 7 res5 output (C4); its transposed conv doubles the side either
+way, so the masks are 28 x 28 or 14 x 14.
 """
 
 from typing import Any
@@ -40,9 +45,30 @@ class BoxHead(nn.Module):
         return logits.astype(jnp.float32), deltas.reshape(*deltas.shape[:-1], self.num_classes, 4).astype(jnp.float32)
 
 
+class GlobalPoolBoxHead(nn.Module):
+    """The C4 box head after res5 (detectron2's Res5ROIHeads predictor): average over the RoI's 7 x 7 res5 output,
+    then class logits and class-specific box deltas (`cls_score`, `bbox_pred`, named as BoxHead's)."""
+
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, roi_features):
+        """roi_features [..., R, S, S, C] -> logits [..., R, num_classes], deltas [..., R, num_classes, 4]."""
+        x = jnp.mean(roi_features.astype(jnp.float32), axis=(-3, -2)).astype(self.dtype)
+        logits = nn.Dense(
+            self.num_classes, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, name="cls_score"
+        )(x)
+        deltas = nn.Dense(
+            4 * self.num_classes, kernel_init=nn.initializers.normal(0.001), dtype=self.dtype, name="bbox_pred"
+        )(x)
+        return logits.astype(jnp.float32), deltas.reshape(*deltas.shape[:-1], self.num_classes, 4).astype(jnp.float32)
+
+
 class FCNMaskHead(nn.Module):
-    """The paper's FCN mask head: 4 x (3x3 conv, 256, ReLU), a 2x2 stride-2 deconv, then a 1x1 conv to one mask
-    per class (torchvision MaskRCNNHeads + MaskRCNNPredictor: `mask_fcn1..4`, `conv5_mask`, `mask_fcn_logits`)."""
+    """The paper's FCN mask head: num_convs x (3x3 conv, 256, ReLU), a 2x2 stride-2 deconv, then a 1x1 conv to one
+    mask per class (torchvision MaskRCNNHeads + MaskRCNNPredictor: `mask_fcn1..4`, `conv5_mask`, `mask_fcn_logits`).
+    num_convs=0 is the C4 head on res5 features (detectron2's MaskRCNNConvUpsampleHead with NUM_CONV 0)."""
 
     num_masks: int
     conv_dim: int = 256
@@ -51,7 +77,7 @@ class FCNMaskHead(nn.Module):
 
     @nn.compact
     def __call__(self, roi_features):
-        """roi_features [..., R, 14, 14, C] -> mask logits [..., R, 28, 28, num_masks]."""
+        """roi_features [..., R, S, S, C] -> mask logits [..., R, 2S, 2S, num_masks] (S = 14 on FPN, 7 on C4)."""
         lead = roi_features.shape[:-3]
         x = roi_features.reshape(-1, *roi_features.shape[-3:])
         for i in range(self.num_convs):
@@ -66,7 +92,8 @@ class FCNMaskHead(nn.Module):
 
 
 class MLPMaskHead(nn.Module):
-    """The paper's MLP ablation (Table 2e): fc 1024 -> fc 1024 -> num_masks x 28 x 28, no spatial layout."""
+    """The paper's MLP ablation (Table 2e): fc 1024 -> fc 1024 -> num_masks x mask_size x mask_size (28), no spatial
+    layout."""
 
     num_masks: int
     fc_dim: int = 1024

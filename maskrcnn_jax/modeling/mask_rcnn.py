@@ -1,9 +1,15 @@
-"""The MaskRCNN module: ResNet-FPN, RPN, box head and mask head wired together, with static shapes throughout.
+"""The MaskRCNN module: backbone, RPN, box head and mask head wired together, with static shapes throughout.
 
 Two entry points, both jit-able with one compile per input shape:
   * `MaskRCNN.losses(batch, key)`: the training forward pass, returning (total loss, named losses).
-  * `MaskRCNN.predict(images, image_sizes)`: fixed-size detections with 28x28 mask probabilities.
+  * `MaskRCNN.predict(images, image_sizes)`: fixed-size detections with mask_size x mask_size mask probabilities.
 `config` is the `model` section of a config (see modeling/defaults.py), frozen so the module stays hashable.
+
+The backbones of the paper's Table 2 (`backbone.kind`), each with its heads (Figure 4):
+  * "fpn": ResNet-FPN, RPN on P2-P6, RoI pooling on P2-P5, two-FC box head, 4-conv mask head, 28 x 28 masks.
+  * "c4": ResNet up to C4, RPN and RoI pooling (14 x 14) on C4, res5 on the RoIs shared by a global-average box head
+    and the mask head (transposed conv to 14 x 14 masks).
+  * "c5": the whole ResNet, RPN and RoI pooling on C5 (stride 32), with the FPN-style heads on that one level.
 """
 
 from typing import Any
@@ -15,12 +21,18 @@ import ml_collections
 
 from maskrcnn_jax import ops
 from maskrcnn_jax.modeling.fpn import ResNetFPN
-from maskrcnn_jax.modeling.heads import BoxHead, FCNMaskHead, MLPMaskHead
+from maskrcnn_jax.modeling.heads import BoxHead, FCNMaskHead, GlobalPoolBoxHead, MLPMaskHead
 from maskrcnn_jax.modeling.keypoint_head import KeypointHead
+from maskrcnn_jax.modeling.res5_head import Res5Head
 from maskrcnn_jax.modeling.roi_heads import box_head_losses, detect, sample_rois
-from maskrcnn_jax.modeling.rpn import RPNHead, propose, rpn_losses
+from maskrcnn_jax.modeling.rpn import RPNHead, anchors_per_location, level_anchors, propose, rpn_losses
+from maskrcnn_jax.modeling.single_level import SingleLevelResNet, single_level_stride
 
-MASK_SIZE = 28
+BACKBONE_KINDS = ("fpn", "c4", "c5")
+# RoI feature extraction (the paper's Table 2c): RoIAlign, RoIPool, RoIWarp; align and warp average (or take the
+# max of) their bilinear samples, RoIPool is a max over quantized bins by definition.
+ROI_OPS = ("align", "pool", "warp")
+ROI_REDUCTIONS = ("avg", "max")
 # "visible": detectron2's default (sum over the visible keypoints inside positive RoIs divided by their count in
 # the batch), which equals torchvision's mean; "fixed": detectron2's NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS=False,
 # divided by num_images * batch_size_per_image * positive_fraction * K (use it with loss_weight 4).
@@ -33,23 +45,27 @@ class MaskRCNN(nn.Module):
 
     def setup(self):
         c = self.config
-        if c.roi_heads.roi_op not in ("align", "pool"):
-            raise ValueError(f"roi_heads.roi_op must be 'align' or 'pool', got {c.roi_heads.roi_op!r}")
+        self._check_roi_extraction()
+        self._check_backbone_levels()
         if c.roi_heads.mask_loss not in ("sigmoid", "softmax"):
             raise ValueError(f"roi_heads.mask_loss must be 'sigmoid' or 'softmax', got {c.roi_heads.mask_loss!r}")
         if c.roi_heads.mask_loss == "softmax" and c.roi_heads.class_agnostic_mask:
             raise ValueError("a softmax mask loss needs one mask per class; it cannot be class-agnostic")
         dtype = DTYPES[c.dtype]
-        self.backbone = ResNetFPN(
-            depth=c.backbone.depth,
-            norm=c.backbone.norm,
-            freeze_at=c.backbone.freeze_at,
-            stride_in_1x1=c.backbone.stride_in_1x1,
-            fpn_channels=c.backbone.fpn_channels,
-            dtype=dtype,
-        )
-        self.rpn_head = RPNHead(num_anchors=len(c.anchors.aspect_ratios), dtype=dtype)
-        self.box_head = BoxHead(num_classes=c.num_classes, fc_dim=c.roi_heads.fc_dim, dtype=dtype)
+        b = c.backbone
+        resnet = dict(depth=b.depth, norm=b.norm, stride_in_1x1=b.stride_in_1x1, groups=b.groups,
+                      width_per_group=b.width_per_group, dtype=dtype)
+        if b.kind == "fpn":
+            self.backbone = ResNetFPN(freeze_at=b.freeze_at, fpn_channels=b.fpn_channels, **resnet)
+        else:
+            self.backbone = SingleLevelResNet(kind=b.kind, freeze_at=b.freeze_at, **resnet)
+        a = c.anchors
+        self.rpn_head = RPNHead(num_anchors=anchors_per_location(a.strides, a.sizes, a.aspect_ratios), dtype=dtype)
+        if b.kind == "c4":
+            self.res5 = Res5Head(**resnet)
+            self.box_head = GlobalPoolBoxHead(num_classes=c.num_classes, dtype=dtype)
+        else:
+            self.box_head = BoxHead(num_classes=c.num_classes, fc_dim=c.roi_heads.fc_dim, dtype=dtype)
         if c.keypoint_on:
             k = c.keypoint_head
             if k.loss_normalization not in KEYPOINT_LOSS_NORMALIZATIONS:
@@ -68,35 +84,87 @@ class MaskRCNN(nn.Module):
                 dtype=dtype,
             )
         elif c.roi_heads.mask_head == "mlp":
-            self.mask_head = MLPMaskHead(num_masks=num_masks, fc_dim=c.roi_heads.fc_dim, dtype=dtype)
+            self.mask_head = MLPMaskHead(num_masks=num_masks, fc_dim=c.roi_heads.fc_dim, mask_size=self.mask_size,
+                                         dtype=dtype)
         else:
             raise ValueError(f"roi_heads.mask_head must be 'fcn' or 'mlp', got {c.roi_heads.mask_head!r}")
+
+    def _check_roi_extraction(self):
+        r = self.config.roi_heads
+        if r.roi_op not in ROI_OPS:
+            raise ValueError(f"roi_heads.roi_op must be one of {ROI_OPS}, got {r.roi_op!r}")
+        if r.roi_op == "pool" and r.roi_reduce is not None:
+            raise ValueError(f"roi_heads.roi_reduce applies to 'align' and 'warp'; RoIPool is a max over quantized "
+                             f"bins by definition (leave roi_reduce unset), got {r.roi_reduce!r}")
+        if r.roi_reduce not in (None, *ROI_REDUCTIONS):
+            raise ValueError(f"roi_heads.roi_reduce must be one of {ROI_REDUCTIONS}, got {r.roi_reduce!r}")
+
+    def _check_backbone_levels(self):
+        c = self.config
+        kind = c.backbone.kind
+        if kind not in BACKBONE_KINDS:
+            raise ValueError(f"backbone.kind must be one of {BACKBONE_KINDS}, got {kind!r}")
+        if kind == "fpn":
+            return
+        stride = single_level_stride(kind)
+        if tuple(c.anchors.strides) != (stride,) or tuple(c.roi_heads.pool_strides) != (stride,):
+            raise ValueError(f"backbone.kind {kind!r} has one level at stride {stride}: anchors.strides and "
+                             f"roi_heads.pool_strides must be ({stride},), got {tuple(c.anchors.strides)} and "
+                             f"{tuple(c.roi_heads.pool_strides)}")
+
+    @property
+    def mask_size(self) -> int:
+        """The side of the predicted masks and of the mask targets (28 on FPN and C5, 14 on C4)."""
+        return mask_size(self.config)
 
     # -- shared pieces ---------------------------------------------------------------------------------------
 
     def _features(self, images, train):
+        """The levels the RPN reads: P2-P6 (as many as anchors.strides), or the one C4 or C5 map."""
         features = self.backbone(images, train=train)
+        if self.config.backbone.kind != "fpn":
+            return [features[self.config.backbone.kind]]
         return [features[f"p{level}"] for level in range(2, 2 + len(self.config.anchors.strides))]
 
     def _anchors(self, images):
         a = self.config.anchors
-        return ops.generate_anchors(images.shape[1:3], a.strides, a.sizes, a.aspect_ratios)
+        return level_anchors(images.shape[1:3], a.strides, a.sizes, a.aspect_ratios)
 
     def _pooled_levels(self, levels):
-        """The levels RoI pooling reads (P2-P5), flattened once so that the box and mask heads share one copy. In
-        float32 whatever the compute dtype: RoI pooling gathers and accumulates in float32, as torch's autocast
-        runs roi_align."""
+        """The levels RoI pooling reads (P2-P5, or the one C4 or C5 map), flattened once so that the box and mask
+        heads share one copy. In float32 whatever the compute dtype: RoI pooling gathers and accumulates in float32,
+        as torch's autocast runs roi_align."""
         r = self.config.roi_heads
         pooled = [level.astype(jnp.float32) for level in levels[: len(r.pool_strides)]]
         return ops.flatten_pyramid(pooled, r.pool_strides)
 
     def _pool(self, pyramid, boxes, output_size):
+        """roi_heads.roi_op on each box's level (a single-level pyramid puts every box on its one level)."""
         r = self.config.roi_heads
+        reduce = r.roi_reduce or "avg"
         if r.roi_op == "align":
-            out = ops.multilevel_roi_align(pyramid, boxes, output_size, r.pool_strides, r.sampling_ratio, r.aligned)
+            out = ops.multilevel_roi_align(pyramid, boxes, output_size, r.pool_strides, r.sampling_ratio, r.aligned,
+                                           roi_reduce=reduce)
+        elif r.roi_op == "warp":
+            out = ops.multilevel_roi_warp(pyramid, boxes, output_size, r.pool_strides, r.sampling_ratio,
+                                          roi_reduce=reduce)
         else:
             out = ops.multilevel_roi_pool(pyramid, boxes, output_size, r.pool_strides)
         return out.astype(DTYPES[self.config.dtype])
+
+    def _box_features(self, pyramid, rois, train):
+        """The box head's input: RoI features at box_pool_size, and on C4 res5 on them (the mask head reads those
+        too)."""
+        pooled = self._pool(pyramid, rois, self.config.roi_heads.box_pool_size)
+        if self.config.backbone.kind == "c4":
+            return self.res5(pooled, train=train)
+        return pooled
+
+    def _mask_features(self, pyramid, rois, train):
+        """The mask head's input for `rois`: RoI features at mask_pool_size, or on C4 res5 on the box pooling."""
+        if self.config.backbone.kind == "c4":
+            return self._box_features(pyramid, rois, train)
+        return self._pool(pyramid, rois, self.config.roi_heads.mask_pool_size)
 
     def _proposals(self, levels, images, image_sizes, train):
         r = self.config.rpn
@@ -169,7 +237,8 @@ class MaskRCNN(nn.Module):
             crowd_ioa_threshold=self._crowd_ioa_threshold(),
         )
         pyramid = self._pooled_levels(levels)
-        class_logits, box_deltas = self.box_head(self._pool(pyramid, sampled["rois"], r.box_pool_size))
+        box_features = self._box_features(pyramid, sampled["rois"], train)
+        class_logits, box_deltas = self.box_head(box_features)
         losses.update(box_head_losses(class_logits, box_deltas, sampled, gt_boxes, box_loss_beta=r.box_loss_beta))
 
         if c.mask_on or c.keypoint_on:
@@ -178,13 +247,15 @@ class MaskRCNN(nn.Module):
                 ground_truth["gt_masks"] = batch["gt_masks"]
             if c.keypoint_on:
                 ground_truth["gt_keypoints"] = batch["gt_keypoints"].astype(jnp.float32)
-            losses.update(self._positive_roi_losses(pyramid, sampled, ground_truth))
+            # C4's mask head reads the sampled RoIs' res5 features, as detectron2's Res5ROIHeads does.
+            res5_features = box_features if c.backbone.kind == "c4" else None
+            losses.update(self._positive_roi_losses(pyramid, sampled, ground_truth, res5_features))
         losses = {name: value.astype(jnp.float32) for name, value in losses.items()}
         return sum(losses.values()), losses
 
-    def _positive_roi_losses(self, pyramid, sampled, ground_truth):
+    def _positive_roi_losses(self, pyramid, sampled, ground_truth, res5_features=None):
         """The mask and keypoint losses, which only positive RoIs carry, computed on the smallest bucket of RoIs
-        that holds them all.
+        that holds them all. res5_features: on C4, the sampled RoIs' res5 output, whose prefix the mask head reads.
 
         Positives come first in the sample, so a fixed-size prefix of it holds every one. The cap is
         batch_size_per_image * positive_fraction (128): a static size, as in the TF Model Garden. Torchvision and
@@ -200,14 +271,14 @@ class MaskRCNN(nn.Module):
         def on_prefix(size):
             return lambda module, *operands: module._positive_roi_losses_on_prefix(size, *operands)
 
-        operands = (pyramid, sampled, ground_truth)
+        operands = (pyramid, sampled, ground_truth, res5_features)
         if len(sizes) == 1:
             return on_prefix(sizes[0])(self, *operands)
         num_positive = jnp.max(jnp.sum(sampled["positive"][:, :num_positive_rois], axis=1))
         bucket = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), num_positive), len(sizes) - 1)
         return nn.switch(bucket, [on_prefix(size) for size in sizes], self, *operands)
 
-    def _positive_roi_losses_on_prefix(self, size, pyramid, sampled, ground_truth):
+    def _positive_roi_losses_on_prefix(self, size, pyramid, sampled, ground_truth, res5_features=None):
         c = self.config
         r = c.roi_heads
         rois = sampled["rois"][:, :size]
@@ -216,9 +287,13 @@ class MaskRCNN(nn.Module):
         flat = lambda x: x.reshape(-1, *x.shape[2:])
         losses = {}
         if c.mask_on:
-            mask_logits = self.mask_head(self._pool(pyramid, rois, r.mask_pool_size))
+            if res5_features is not None:
+                mask_features = res5_features[:, :size]
+            else:
+                mask_features = self._pool(pyramid, rois, r.mask_pool_size)
+            mask_logits = self.mask_head(mask_features)
             targets = jax.vmap(ops.mask_targets_from_cropped, in_axes=(0, 0, 0, 0, None))(
-                ground_truth["gt_masks"], ground_truth["gt_boxes"], rois, matched, MASK_SIZE
+                ground_truth["gt_masks"], ground_truth["gt_boxes"], rois, matched, self.mask_size
             )
             mask_loss = ops.sigmoid_mask_loss if r.mask_loss == "sigmoid" else ops.softmax_mask_loss
             losses["mask"] = mask_loss(flat(mask_logits), flat(targets), flat(sampled["classes"][:, :size]),
@@ -248,13 +323,13 @@ class MaskRCNN(nn.Module):
     def predict(self, images, image_sizes):
         """images [B, H, W, 3] (normalised, padded canvas), image_sizes [B, 2] (h, w of the image inside it).
         Returns boxes [B, D, 4] (canvas pixels), scores [B, D], classes [B, D] (1..num_classes-1), valid [B, D],
-        with mask_on masks [B, D, 28, 28] (probabilities of the predicted class), and with keypoint_on
+        with mask_on masks [B, D, mask_size, mask_size] (probabilities of the predicted class), and with keypoint_on
         keypoint_heatmaps [B, D, m, m, K] (logits; serving/keypoints.py decodes them in each box)."""
         c = self.config
         levels = self._features(images, train=False)
         _, _, proposals, proposal_valid = self._proposals(levels, images, image_sizes, train=False)
         pyramid = self._pooled_levels(levels)
-        class_logits, box_deltas = self.box_head(self._pool(pyramid, proposals, c.roi_heads.box_pool_size))
+        class_logits, box_deltas = self.box_head(self._box_features(pyramid, proposals, train=False))
         d = c.detection
         boxes, scores, classes, valid = jax.vmap(
             lambda *args: detect(
@@ -268,7 +343,7 @@ class MaskRCNN(nn.Module):
         )(class_logits, box_deltas, proposals, proposal_valid, image_sizes)
         out = {"boxes": boxes, "scores": scores, "classes": classes, "valid": valid}
         if c.mask_on:
-            mask_logits = self.mask_head(self._pool(pyramid, boxes, c.roi_heads.mask_pool_size))
+            mask_logits = self.mask_head(self._mask_features(pyramid, boxes, train=False))
             if c.roi_heads.mask_loss == "softmax":
                 out["masks"] = self._select_mask_channel(jax.nn.softmax(mask_logits, axis=-1), classes)
             else:
@@ -279,6 +354,15 @@ class MaskRCNN(nn.Module):
 
     def __call__(self, images, image_sizes):
         return self.predict(images, image_sizes)
+
+
+def mask_size(model_config) -> int:
+    """The masks' side for a model config: the mask head doubles its input, which is the mask RoI pooling
+    (roi_heads.mask_pool_size: 14 -> 28) or, on C4, res5's stride-2 output of the box pooling (14 -> 7 -> 14)."""
+    r = model_config.roi_heads
+    if model_config.backbone.kind == "c4":
+        return 2 * -(-r.box_pool_size // 2)
+    return 2 * r.mask_pool_size
 
 
 def mask_roi_buckets(num_mask_rois, num_buckets):

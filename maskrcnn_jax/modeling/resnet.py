@@ -1,4 +1,9 @@
-"""ResNet body (He et al., 2016) returning the C2..C5 feature maps, NHWC.
+"""ResNet (He et al., 2016) and ResNeXt (Xie et al., 2017) bodies returning the C2..C5 feature maps, NHWC.
+
+ResNeXt is the same bottleneck with a grouped 3x3 conv: ``groups`` x ``width_per_group`` channels in the 1x1 and
+3x3 convs of the first stage, doubling each stage (X50-32x4d: groups=32, width_per_group=4; X101-32x8d: 32, 8), as
+torchvision's resnext50_32x4d / resnext101_32x8d and detectron2's NUM_GROUPS / WIDTH_PER_GROUP. ResNet is
+groups=1, width_per_group=64.
 
 Variable names follow torchvision's state dict so that a weight import is a rename plus a transpose:
 
@@ -75,7 +80,7 @@ def frozen_param_mask(resnet_params, freeze_at: int):
     }
 
 
-def _conv(features, kernel, stride, dtype, name):
+def _conv(features, kernel, stride, dtype, name, groups=1):
     # Symmetric padding kernel // 2 on both sides, as PyTorch (7x7 -> 3, 3x3 -> 1, 1x1 -> 0).
     pad = kernel // 2
     return Conv(
@@ -83,6 +88,7 @@ def _conv(features, kernel, stride, dtype, name):
         (kernel, kernel),
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
         use_bias=False,
         kernel_init=conv_init,
         dtype=dtype,
@@ -92,7 +98,8 @@ def _conv(features, kernel, stride, dtype, name):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; the stride sits in the first. ``stride_in_1x1`` does not apply (there is no 1x1)."""
+    """Two 3x3 convs; the stride sits in the first. ``stride_in_1x1``, ``groups`` and ``width_per_group`` do not
+    apply (as in torchvision, which rejects ResNeXt basic blocks)."""
 
     planes: int
     stride: int = 1
@@ -118,11 +125,14 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand (x4). The stride sits in the 3x3 (torchvision) or, with ``stride_in_1x1``, in
-    the first 1x1 (MSRA / detectron2)."""
+    the first 1x1 (MSRA / detectron2). The 1x1 and 3x3 convs have planes * width_per_group / 64 * groups channels
+    (torchvision's width), and the 3x3 is grouped."""
 
     planes: int
     stride: int = 1
     stride_in_1x1: bool = False
+    groups: int = 1
+    width_per_group: int = 64
     norm: str = "frozen_bn"
     norm_eps: float = 1e-5
     train: bool = False
@@ -137,13 +147,38 @@ class Bottleneck(nn.Module):
 
         stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
         out_planes = self.planes * self.expansion
-        out = nn.relu(norm("bn1")(_conv(self.planes, 1, stride_1x1, self.dtype, "conv1")(x)))
-        out = nn.relu(norm("bn2")(_conv(self.planes, 3, stride_3x3, self.dtype, "conv2")(out)))
+        width = self.planes * self.width_per_group // 64 * self.groups
+        out = nn.relu(norm("bn1")(_conv(width, 1, stride_1x1, self.dtype, "conv1")(x)))
+        out = nn.relu(norm("bn2")(_conv(width, 3, stride_3x3, self.dtype, "conv2", self.groups)(out)))
         out = norm("bn3")(_conv(out_planes, 1, 1, self.dtype, "conv3")(out))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != out_planes:
             shortcut = norm("downsample_bn")(_conv(out_planes, 1, self.stride, self.dtype, "downsample_conv")(x))
         return nn.relu(out + shortcut)
+
+
+def residual_blocks(x, *, block_kind, num_blocks, planes, stride, stride_in_1x1=False, groups=1,
+                    width_per_group=64, norm="frozen_bn", norm_eps=1e-5, train=False, dtype=jnp.float32):
+    """``num_blocks`` residual blocks named block_0, block_1, ... in the calling compact module; the first one
+    carries the stride. Shared by a ResNet stage and the res5 RoI head (res5_head.py)."""
+    if block_kind == "basic" and (groups, width_per_group) != (1, 64):
+        raise ValueError(f"grouped convs (ResNeXt) need bottleneck blocks, got groups={groups}, "
+                         f"width_per_group={width_per_group} with basic blocks")
+    for index in range(num_blocks):
+        common = dict(
+            planes=planes,
+            stride=stride if index == 0 else 1,
+            norm=norm,
+            norm_eps=norm_eps,
+            train=train,
+            dtype=dtype,
+            name=f"block_{index}",
+        )
+        if block_kind == "bottleneck":
+            x = Bottleneck(stride_in_1x1=stride_in_1x1, groups=groups, width_per_group=width_per_group, **common)(x)
+        else:
+            x = BasicBlock(**common)(x)
+    return x
 
 
 class ResNetStage(nn.Module):
@@ -154,6 +189,8 @@ class ResNetStage(nn.Module):
     planes: int
     stride: int
     stride_in_1x1: bool = False
+    groups: int = 1
+    width_per_group: int = 64
     norm: str = "frozen_bn"
     norm_eps: float = 1e-5
     train: bool = False
@@ -161,28 +198,20 @@ class ResNetStage(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        for index in range(self.num_blocks):
-            common = dict(
-                planes=self.planes,
-                stride=self.stride if index == 0 else 1,
-                norm=self.norm,
-                norm_eps=self.norm_eps,
-                train=self.train,
-                dtype=self.dtype,
-                name=f"block_{index}",
-            )
-            if self.block_kind == "bottleneck":
-                x = Bottleneck(stride_in_1x1=self.stride_in_1x1, **common)(x)
-            else:
-                x = BasicBlock(**common)(x)
-        return x
+        return residual_blocks(
+            x, block_kind=self.block_kind, num_blocks=self.num_blocks, planes=self.planes, stride=self.stride,
+            stride_in_1x1=self.stride_in_1x1, groups=self.groups, width_per_group=self.width_per_group,
+            norm=self.norm, norm_eps=self.norm_eps, train=self.train, dtype=self.dtype)
 
 
 class ResNet(nn.Module):
-    """ResNet-{18,34,50,101,152} body without the classifier.
+    """ResNet-{18,34,50,101,152} (or ResNeXt) body without the classifier.
 
     Attributes:
       depth: one of RESNET_STAGES.
+      groups, width_per_group: ResNeXt's cardinality and channels per group (1, 64: plain ResNet).
+      num_stages: residual stages built, layer1..layer{num_stages}: 4 returns C2..C5; 3 stops at C4 (the C4
+        backbone, whose fifth stage runs on RoIs, see res5_head.py).
       norm: "frozen_bn" | "bn" | "gn" (see norm.py for where their variables live).
       norm_eps: epsilon of every norm layer (1e-5 in torchvision and detectron2).
       freeze_at: 0 = nothing frozen, 1 = stem, 2 = stem + layer1, ... 5 = everything. Gradients stop at the output
@@ -199,12 +228,17 @@ class ResNet(nn.Module):
     norm_eps: float = 1e-5
     freeze_at: int = 0
     stride_in_1x1: bool = False
+    groups: int = 1
+    width_per_group: int = 64
+    num_stages: int = 4
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         if self.depth not in RESNET_STAGES:
             raise ValueError(f"depth must be one of {sorted(RESNET_STAGES)}, got {self.depth}")
+        if not 1 <= self.num_stages <= len(STAGE_NAMES):
+            raise ValueError(f"num_stages must be in 1..{len(STAGE_NAMES)}, got {self.num_stages}")
         block_kind, blocks_per_stage = RESNET_STAGES[self.depth]
         frozen = set(frozen_names(self.freeze_at))
 
@@ -221,7 +255,7 @@ class ResNet(nn.Module):
 
         features = {}
         for stage_index, (stage_name, feature_name, num_blocks) in enumerate(
-            zip(STAGE_NAMES, FEATURE_STRIDES, blocks_per_stage)
+            zip(STAGE_NAMES[: self.num_stages], FEATURE_STRIDES, blocks_per_stage)
         ):
             x = ResNetStage(
                 block_kind=block_kind,
@@ -229,6 +263,8 @@ class ResNet(nn.Module):
                 planes=64 * 2**stage_index,
                 stride=1 if stage_index == 0 else 2,
                 stride_in_1x1=self.stride_in_1x1,
+                groups=self.groups,
+                width_per_group=self.width_per_group,
                 norm=self.norm,
                 norm_eps=self.norm_eps,
                 train=stage_train(stage_name),

@@ -17,6 +17,27 @@ from maskrcnn_jax.layers.conv import Conv
 head_init = nn.initializers.normal(stddev=0.01)
 
 
+def anchors_per_location(strides, sizes, aspect_ratios) -> int:
+    """Anchors at each feature position: one size per level (FPN: 3), or every size on a single level (C4 and
+    C5: 5 sizes x 3 ratios = 15)."""
+    sizes_per_level = len(sizes) if len(strides) == 1 else 1
+    return sizes_per_level * len(aspect_ratios)
+
+
+def level_anchors(image_size, strides, sizes, aspect_ratios):
+    """One [H_l * W_l * A, 4] array of anchors per level, in the order RPNHead lays out its outputs.
+
+    With one stride and several sizes (the C4 and C5 backbones) all sizes share the level: location-major, then
+    size, then aspect ratio, as detectron2's DefaultAnchorGenerator orders a cell's anchors (its C4 RPN weights
+    expect that order). Otherwise ops.generate_anchors' one size per level.
+    """
+    if len(strides) == 1 and len(sizes) > 1:
+        per_size = [ops.generate_anchors(image_size, strides, (size,), aspect_ratios)[0] for size in sizes]
+        grid = [anchors.reshape(-1, 1, len(aspect_ratios), 4) for anchors in per_size]
+        return [jnp.concatenate(grid, axis=1).reshape(-1, 4)]
+    return ops.generate_anchors(image_size, strides, sizes, aspect_ratios)
+
+
 class RPNHead(nn.Module):
     """A 3x3 conv shared by all levels, then per-anchor objectness logits and box deltas.
 
