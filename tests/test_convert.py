@@ -3,6 +3,7 @@ and the command line. The full-model torchvision parity run is in test_convert_t
 
 import logging
 import os
+import pathlib
 import pickle
 
 import jax
@@ -19,12 +20,15 @@ from maskrcnn_jax.convert import (
     merge_pretrained,
     missing_variables,
 )
+from maskrcnn_jax import config as config_lib
 from maskrcnn_jax.convert.configs import default_config
 from maskrcnn_jax.convert.layout import conv_transpose_kernel, dense_kernel_from_nchw_flatten, flatten
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 from maskrcnn_jax.modeling.heads import FCNMaskHead
 
-RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+from detectron2_zoo import RESNET_BLOCKS, detectron2_c4_zoo_shapes, detectron2_zoo_shapes
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CLASS_LAYERS = {"params/box_head/cls_score/kernel", "params/box_head/cls_score/bias", "params/box_head/bbox_pred/kernel",
                 "params/box_head/bbox_pred/bias", "params/mask_head/mask_fcn_logits/kernel",
                 "params/mask_head/mask_fcn_logits/bias"}
@@ -221,59 +225,6 @@ def test_torchvision_imagenet_resnet_is_the_backbone_body(depth):
 # -- detectron2 layouts ----------------------------------------------------------------------------------------
 
 
-def detectron2_zoo_shapes(depth=50, num_classes=80):
-    """{name: shape} of a detectron2 model-zoo Mask R-CNN R-{depth}-FPN checkpoint (e.g. model_final_f10217.pkl).
-
-    The names are those detectron2's modules register: modeling/backbone/resnet.py (BasicStem `stem.conv1`,
-    BottleneckBlock `conv1..3` and `shortcut`, every Conv2d with a FrozenBatchNorm2d `.norm`), backbone/fpn.py
-    (`fpn_lateral{2-5}`, `fpn_output{2-5}`), proposal_generator/rpn.py StandardRPNHead (`conv`,
-    `objectness_logits`, `anchor_deltas`), roi_heads/box_head.py FastRCNNConvFCHead (`fc1`, `fc2`),
-    roi_heads/fast_rcnn.py FastRCNNOutputLayers (`cls_score` K+1 rows, `bbox_pred` 4K rows), roi_heads/mask_head.py
-    MaskRCNNConvUpsampleHead (`mask_fcn1..4`, `deconv`, `predictor` K channels). Files written before detectron2
-    made them non-persistent also hold the `pixel_mean` / `pixel_std` buffers [3, 1, 1].
-    """
-    shapes = {"pixel_mean": (3, 1, 1), "pixel_std": (3, 1, 1)}
-
-    def conv(name, out_channels, in_channels, kernel, norm=True, bias=False):
-        shapes[f"{name}.weight"] = (out_channels, in_channels, kernel, kernel)
-        if bias:
-            shapes[f"{name}.bias"] = (out_channels,)
-        if norm:
-            for leaf in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"{name}.norm.{leaf}"] = (out_channels,)
-
-    body = "backbone.bottom_up"
-    conv(f"{body}.stem.conv1", 64, 3, 7)
-    in_channels = 64
-    for stage, blocks in enumerate(RESNET_BLOCKS[depth]):
-        planes = 64 * 2**stage
-        for block in range(blocks):
-            prefix = f"{body}.res{stage + 2}.{block}"
-            if block == 0:
-                conv(f"{prefix}.shortcut", planes * 4, in_channels, 1)
-            conv(f"{prefix}.conv1", planes, in_channels, 1)
-            conv(f"{prefix}.conv2", planes, planes, 3)
-            conv(f"{prefix}.conv3", planes * 4, planes, 1)
-            in_channels = planes * 4
-    for level in range(2, 6):
-        conv(f"backbone.fpn_lateral{level}", 256, 64 * 2 ** (level - 2) * 4, 1, norm=False, bias=True)
-        conv(f"backbone.fpn_output{level}", 256, 256, 3, norm=False, bias=True)
-    conv("proposal_generator.rpn_head.conv", 256, 256, 3, norm=False, bias=True)
-    conv("proposal_generator.rpn_head.objectness_logits", 3, 256, 1, norm=False, bias=True)
-    conv("proposal_generator.rpn_head.anchor_deltas", 12, 256, 1, norm=False, bias=True)
-    for name, (out_features, in_features) in {"box_head.fc1": (1024, 256 * 7 * 7), "box_head.fc2": (1024, 1024),
-                                              "box_predictor.cls_score": (num_classes + 1, 1024),
-                                              "box_predictor.bbox_pred": (4 * num_classes, 1024)}.items():
-        shapes[f"roi_heads.{name}.weight"] = (out_features, in_features)
-        shapes[f"roi_heads.{name}.bias"] = (out_features,)
-    for i in range(1, 5):
-        conv(f"roi_heads.mask_head.mask_fcn{i}", 256, 256, 3, norm=False, bias=True)
-    shapes["roi_heads.mask_head.deconv.weight"] = (256, 256, 2, 2)  # ConvTranspose2d: [in, out, kh, kw]
-    shapes["roi_heads.mask_head.deconv.bias"] = (256,)
-    conv("roi_heads.mask_head.predictor", num_classes, 256, 1, norm=False, bias=True)
-    return shapes
-
-
 def msra_caffe2_shapes(depth=50):
     """{blob: shape} of the MSRA ImageNet R-{depth}.pkl (Detectron's Caffe2 names, which detectron2's
     convert_basic_c2_names reads): conv1_w, res_conv1_bn_{s,b}, res{2-5}_{b}_branch{1,2a,2b,2c}_{w,bn_s,bn_b},
@@ -385,6 +336,89 @@ def test_msra_caffe2_backbone(rng, tmp_path, depth):
     np.testing.assert_array_equal(stats["running_var"], 1.0)
     conv2 = imported["params"]["backbone"]["body"]["layer4"]["block_2"]["conv2"]["kernel"]
     np.testing.assert_array_equal(conv2, weights["res5_2_branch2b_w"].transpose(2, 3, 1, 0))
+
+
+def c4_config(name="detectron2_maskrcnn_r50_c4.py", depth=50):
+    config = config_lib.load(CONFIGS / name)
+    config.model.backbone.depth = depth
+    return config
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_detectron2_c4_zoo_pickle_maps_every_key_to_one_variable(rng, tmp_path, depth):
+    """detectron2's R-{50,101}-C4 layout (bare ResNet to res4, res5 under roi_heads) fills every variable of the C4
+    model of configs/detectron2_maskrcnn_r50_c4.py, each from its own key."""
+    weights = random_weights(detectron2_c4_zoo_shapes(depth), rng)
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "Detectron2 Model Zoo"}, f)
+    variables = from_detectron2(load_detectron2_pickle(str(path)))
+    assert_same_structure(model_template(c4_config(depth=depth)), variables)
+    imported = sum(v.size for k, v in weights.items() if not k.startswith("pixel_"))
+    assert sum(v.size for v in jax.tree_util.tree_leaves(variables)) == imported + 2048 * 4 + 4 + 256 + 1
+    params, stats = variables["params"], variables["batch_stats"]
+    kernel = lambda name: weights[name].transpose(2, 3, 1, 0)  # noqa: E731
+    # Only the stem's kernel reads the image (BGR -> RGB); res5's first conv keeps its channel order.
+    np.testing.assert_array_equal(params["backbone"]["body"]["conv1"]["kernel"],
+                                  kernel("backbone.stem.conv1.weight")[:, :, ::-1])
+    np.testing.assert_array_equal(params["res5"]["block_0"]["conv1"]["kernel"], kernel("roi_heads.res5.0.conv1.weight"))
+    np.testing.assert_array_equal(params["res5"]["block_2"]["conv3"]["kernel"], kernel("roi_heads.res5.2.conv3.weight"))
+    np.testing.assert_array_equal(params["backbone"]["body"]["layer3"]["block_5"]["conv2"]["kernel"],
+                                  kernel("backbone.res4.5.conv2.weight"))
+    np.testing.assert_array_equal(stats["res5"]["block_0"]["downsample_bn"]["running_var"],
+                                  weights["roi_heads.res5.0.shortcut.norm.running_var"])
+    np.testing.assert_array_equal(params["mask_head"]["conv5_mask"]["kernel"],
+                                  weights["roi_heads.mask_head.deconv.weight"].transpose(2, 3, 0, 1))
+    np.testing.assert_array_equal(params["rpn_head"]["cls_logits"]["kernel"],
+                                  kernel("proposal_generator.rpn_head.objectness_logits.weight"))
+    np.testing.assert_array_equal(params["box_head"]["cls_score"]["kernel"][:, 1:],
+                                  weights["roi_heads.box_predictor.cls_score.weight"][:-1].T)
+
+
+def test_imagenet_backbones_for_c4_put_the_fifth_stage_at_res5(rng):
+    """An ImageNet ResNet-50 (torchvision's, or MSRA's Caffe2 R-50.pkl) imported for a C4 model: its stem to layer3
+    are the body, its layer4 is res5; merged, they fill the C4 model's backbone and res5, nothing else."""
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    template = model_template(c4_config("coco_r50_c4_1x.py"))
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50(weights=None)
+    msra = random_weights(msra_caffe2_shapes(50), rng)
+    for imported in (from_torchvision(resnet.state_dict(), backbone_kind="c4"),
+                     from_detectron2(msra, backbone_kind="c4")):
+        missing = missing_variables(template, imported)
+        assert {name.split("/")[1] for name in missing} == {"rpn_head", "box_head", "mask_head"}
+        merged, report = merge_pretrained(template, imported)
+        assert sorted(report.kept_initial) == missing and report.reinitialized == []
+    torchvision_import = from_torchvision(resnet.state_dict(), backbone_kind="c4")
+    np.testing.assert_array_equal(torchvision_import["params"]["res5"]["block_2"]["conv3"]["kernel"],
+                                  resnet.layer4[2].conv3.weight.detach().numpy().transpose(2, 3, 1, 0))
+    msra_import = from_detectron2(msra, backbone_kind="c4")
+    np.testing.assert_array_equal(msra_import["batch_stats"]["res5"]["block_0"]["downsample_bn"]["weight"],
+                                  msra["res5_0_branch1_bn_s"])
+    # The FPN model keeps layer4 in the body, as before.
+    assert "layer4" in from_torchvision(resnet.state_dict())["params"]["backbone"]["body"]
+    with pytest.raises(ValueError, match="backbone_kind"):
+        from_torchvision(resnet.state_dict(), backbone_kind="c3")
+
+
+def test_torchvision_imagenet_resnext_is_the_backbone_body():
+    """torchvision's resnext50_32x4d ImageNet layout fills the ResNeXt-FPN body (grouped conv2 kernels included)."""
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    torch.manual_seed(0)
+    resnext = torchvision.models.resnext50_32x4d(weights=None)
+    imported = from_torchvision(resnext.state_dict())
+    config = config_lib.load(CONFIGS / "coco_x101_fpn_1x.py")
+    config.model.backbone.depth, config.model.backbone.width_per_group = 50, 4
+    missing = missing_variables(model_template(config), imported)
+    assert missing and not any(name.startswith(("params/backbone/body", "batch_stats/backbone/body"))
+                               for name in missing)
+    conv2 = imported["params"]["backbone"]["body"]["layer2"]["block_0"]["conv2"]["kernel"]
+    assert conv2.shape == (3, 3, 8, 256)  # 32 groups of 8 channels
+    np.testing.assert_array_equal(conv2, resnext.layer2[0].conv2.weight.detach().numpy().transpose(2, 3, 1, 0))
 
 
 def test_detectron2_unknown_names_raise(rng):
