@@ -89,3 +89,41 @@ def test_config_files_train_what_their_dataset_has():
     assert parse("shapes.py").model.num_classes == 6
     assert parse("test.py").model.num_classes == 6
     assert optim.learning_rate_schedule(parse("shapes.py").train)(0) > 0
+
+
+# The paper's Table 2a rows: (backbone.kind, depth, groups, width_per_group).
+TABLE_2A = {
+    "coco_r50_c4_1x.py": ("c4", 50, 1, 64),
+    "coco_r101_c4_1x.py": ("c4", 101, 1, 64),
+    "coco_r50_fpn_1x.py": ("fpn", 50, 1, 64),
+    "coco_r101_fpn_1x.py": ("fpn", 101, 1, 64),
+    "coco_x101_fpn_1x.py": ("fpn", 101, 32, 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_2A))
+def test_table_2a_configs_share_the_1x_recipe_and_differ_in_the_backbone(name):
+    from maskrcnn_jax.modeling.mask_rcnn import mask_size
+
+    config, recipe = parse(name), parse("coco_r50_fpn_1x.py")
+    assert config.train.to_dict() == recipe.train.to_dict() and config.data.to_dict() == recipe.data.to_dict()
+    b = config.model.backbone
+    assert (b.kind, b.depth, b.groups, b.width_per_group) == TABLE_2A[name]
+    m = config.model
+    if b.kind == "c4":  # detectron2's Base-RCNN-C4: one stride-16 level, 15 anchors, 14 x 14 RoIs, 14 x 14 masks
+        assert tuple(m.anchors.strides) == tuple(m.roi_heads.pool_strides) == (16,)
+        assert tuple(m.anchors.sizes) == (32, 64, 128, 256, 512)
+        assert (m.roi_heads.box_pool_size, m.roi_heads.mask_num_convs, mask_size(m)) == (14, 0, 14)
+        assert (m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_test) == (6000, 1000)
+    else:
+        assert m.to_dict() == {**recipe.model.to_dict(), "backbone": m.backbone.to_dict()}
+
+
+@pytest.mark.parametrize("name, kind, stride", [("shapes_c4.py", "c4", 16), ("shapes_c5.py", "c5", 32)])
+def test_shapes_single_level_configs_change_only_the_model(name, kind, stride):
+    config, demo = parse(name), parse("shapes.py")
+    assert config.train.to_dict() == demo.train.to_dict() and config.data.to_dict() == demo.data.to_dict()
+    m = config.model
+    assert m.backbone.kind == kind and m.backbone.depth == demo.model.backbone.depth
+    assert tuple(m.anchors.strides) == tuple(m.roi_heads.pool_strides) == (stride,)
+    assert tuple(m.anchors.sizes) == tuple(demo.model.anchors.sizes)
