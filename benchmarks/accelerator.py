@@ -8,7 +8,9 @@ Ours: configs/coco_r50_fpn_1x.py's model (R50-FPN, FrozenBN, stem and res2 froze
 settings, 81 classes) on a 1024 x 1024 canvas, random weights, float32 and bfloat16 compute (parameters float32):
   - the train step (train.py's `train_step` under `jit_train_step`'s jit: SGD with momentum, state donated) at a
     batch of 8 and 16: images/s, compile time, peak device memory, and MFU;
-  - `MaskRCNN.predict` under jit: latency at batch 1 and 8.
+  - `MaskRCNN.predict` under jit: latency at batch 1 and 8;
+  - the bfloat16 batch-16 step again with RoIAlign's backward as XLA's own transpose of the gathers instead of
+    ops/roi_align.py's scatter chain (which runs on every platform): whether the chain is no slower on a GPU.
 torchvision: `maskrcnn_resnet50_fpn`'s structure with FrozenBatchNorm and 3 trainable stages (the same recipe),
 random weights, min_size = max_size = the canvas (no resize), its own RPN defaults, trained with AMP as its
 detection reference scripts do (`torch.autocast` float16 and a GradScaler), cudnn.benchmark on.
@@ -58,19 +60,24 @@ PEAK_TFLOPS = (
     ("H200", {"bfloat16": 1979 / 2, "float32": 989 / 2}),
 )
 
-# Rows in order of priority (the budget cuts from the end). (kind, dtype, batch); dry runs map the batches.
+# Rows in order of priority (the budget cuts from the end): (kind, dtype, batch, variant); dry runs map the batches.
 ROWS = (
-    ("train", "bfloat16", 16),
-    ("torchvision", "amp", 16),
-    ("train", "float32", 16),
-    ("predict", "float32", 1),
-    ("predict", "float32", 8),
-    ("train", "bfloat16", 8),
-    ("torchvision", "amp", 8),
-    ("train", "float32", 8),
-    ("predict", "bfloat16", 1),
-    ("predict", "bfloat16", 8),
+    ("train", "bfloat16", 16, ""),
+    ("torchvision", "amp", 16, ""),
+    ("train", "float32", 16, ""),
+    ("predict", "float32", 1, ""),
+    ("predict", "float32", 8, ""),
+    ("train", "bfloat16", 8, ""),
+    ("torchvision", "amp", 8, ""),
+    ("train", "float32", 8, ""),
+    ("train", "bfloat16", 16, "xla_roi_align_backward"),
+    ("predict", "bfloat16", 1, ""),
+    ("predict", "bfloat16", 8, ""),
 )
+# Variants of our train step, for the decisions a GPU has to make. xla_roi_align_backward: RoIAlign's backward as
+# JAX's own transpose (one scatter-add per bilinear term into its own zeros, summed) instead of ops/roi_align.py's
+# chain of scatter-adds into one buffer, which runs on every platform today (issue 19).
+VARIANT_NAMES = {"": "ours", "xla_roi_align_backward": "ours, RoIAlign backward by XLA's transpose"}
 # A dry run gives every row of a kind the same tiny batch, so that a row repeating another's dtype is a cache hit.
 DRY_RUN_BATCH = {"train": 2, "torchvision": 2, "predict": 1}
 DRY_RUN_CANVAS = (128, 128)
@@ -236,13 +243,28 @@ def _xla_flops(compiled):
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def run_train(dtype, batch_size, dry_run, work_dir):
+def _apply_variant(variant):
+    if variant == "xla_roi_align_backward":
+        import importlib
+
+        import jax
+
+        roi_align = importlib.import_module("maskrcnn_jax.ops.roi_align")
+        if not isinstance(roi_align._weighted_gather, jax.custom_vjp):
+            raise RuntimeError("ops/roi_align.py's _weighted_gather is no longer a custom VJP: drop this variant")
+        roi_align._weighted_gather = roi_align._weighted_gather.fun
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}")
+
+
+def run_train(dtype, batch_size, dry_run, work_dir, variant=""):
     import jax
     import numpy as np
 
     from maskrcnn_jax.engine import checkpointing, parallel
     from maskrcnn_jax.modeling.mask_rcnn import build_model
 
+    _apply_variant(variant)
     model_inputs, _, jit_train_step = _train_functions()
     config = _config(dry_run, dtype)
     config.train.batch_size = batch_size
@@ -377,7 +399,7 @@ def run_torchvision(batch_size, dry_run):
 
 
 def run_row(row, dry_run, work_dir, cache_dir):
-    kind, dtype, batch_size = row
+    kind, dtype, batch_size, variant = row
     if kind == "torchvision":
         result = run_torchvision(batch_size, dry_run)
     else:
@@ -386,8 +408,11 @@ def run_row(row, dry_run, work_dir, cache_dir):
         if cache_dir:
             jax.config.update("jax_compilation_cache_dir", cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        runner = run_train if kind == "train" else run_predict
-        result = {**runner(dtype, batch_size, dry_run, work_dir), **_device_info()}
+        if kind == "train":
+            result = run_train(dtype, batch_size, dry_run, work_dir, variant)
+        else:
+            result = run_predict(dtype, batch_size, dry_run, work_dir)
+        result.update(_device_info())
     result["tensorflow_imported"] = any(name == "tensorflow" or name.startswith("tensorflow.")
                                         for name in sys.modules)
     return result
@@ -399,7 +424,7 @@ def run_row(row, dry_run, work_dir, cache_dir):
 def _planned_rows(dry_run):
     if not dry_run:
         return list(ROWS)
-    return [(kind, dtype, DRY_RUN_BATCH[kind]) for kind, dtype, _ in ROWS]
+    return [(kind, dtype, DRY_RUN_BATCH[kind], variant) for kind, dtype, _, variant in ROWS]
 
 
 def _run_subprocess(row, args, work_dir, timeout):
@@ -461,7 +486,7 @@ def _seconds(result, key):
 def section(results, args, elapsed):
     """The markdown section: one line per row of ROWS, measured or not."""
     jax_info = next((r for _, r in results if "device_kind" in r), {})
-    torch_info = next((r for (kind, _, _), r in results if kind == "torchvision" and "torch" in r), {})
+    torch_info = next((r for (kind, *_), r in results if kind == "torchvision" and "torch" in r), {})
     canvas = DRY_RUN_CANVAS if args.dry_run else CANVAS
     model = "configs/test.py's tiny model" if args.dry_run else "configs/coco_r50_fpn_1x.py's R50-FPN"
     lines = [
@@ -484,10 +509,10 @@ def section(results, args, elapsed):
         "| TFLOP / step | MFU |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (kind, dtype, batch), result in results:
+    for (kind, dtype, batch, variant), result in results:
         if kind not in ("train", "torchvision"):
             continue
-        name = "ours" if kind == "train" else "torchvision"
+        name = VARIANT_NAMES[variant] if kind == "train" else "torchvision"
         dtype_label = dtype if kind == "train" else f"AMP ({result.get('autocast', 'float16')})"
         if "error" in result:
             lines.append(f"| {name} | {dtype_label} | {batch} | {result['error']} | | | | | | |")
@@ -504,7 +529,7 @@ def section(results, args, elapsed):
         "| inference (ours) | dtype | batch | latency (ms) | images/s | compile (s) | peak memory (GiB) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (kind, dtype, batch), result in results:
+    for (kind, dtype, batch, _), result in results:
         if kind != "predict":
             continue
         if "error" in result:

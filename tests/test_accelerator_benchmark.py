@@ -29,7 +29,8 @@ def no_tensorflow_env(tmp_path):
     for name in ("tensorflow", "tensorflow_datasets"):
         package = tmp_path / "blocked" / name
         package.mkdir(parents=True)
-        (package / "__init__.py").write_text(f"raise ImportError('{name} is blocked: the benchmark must not need it')\n")
+        message = f"{name} is blocked: the benchmark must not need it"
+        (package / "__init__.py").write_text(f"raise ImportError({message!r})\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "blocked"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     probe = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
@@ -47,18 +48,17 @@ def test_dry_run_prints_every_row_without_tensorflow(no_tensorflow_env):
     assert "no TensorFlow imported: no." in text
     number = r"\d+(?:\.\d+)?"
     expected = {
-        "train": rf"\| ours \| {{dtype}} \| {{batch}} \| {number} \| {number} \| {number}(?: \(cached\))? \|",
+        "train": rf"\| {{name}} \| {{dtype}} \| {{batch}} \| {number} \| {number} \| {number}(?: \(cached\))? \|",
         "torchvision": rf"\| torchvision \| AMP \([^)]*\) \| {{batch}} \| {number} \| {number} \| eager \|",
         "predict": rf"\| predict \| {{dtype}} \| {{batch}} \| {number} \| {number} \| {number}(?: \(cached\))? \|",
     }
     planned = benchmark._planned_rows(dry_run=True)
     assert len(planned) == len(benchmark.ROWS)
-    for kind in expected:
-        rows = [(dtype, batch) for k, dtype, batch in planned if k == kind]
-        for dtype, batch in set(rows):
-            pattern = expected[kind].format(dtype=re.escape(dtype), batch=batch)
-            found = re.findall(pattern, text)
-            assert len(found) == rows.count((dtype, batch)), f"{kind} {dtype} {batch}:\n{text}"
+    for row in set(planned):
+        kind, dtype, batch, variant = row
+        pattern = expected[kind].format(name=re.escape(benchmark.VARIANT_NAMES[variant]), dtype=re.escape(dtype),
+                                        batch=batch)
+        assert len(re.findall(pattern, text)) == planned.count(row), f"{row}:\n{text}"
     # A row that repeats another's shapes and dtype loads the compiled step from the cache.
     assert "(cached)" in text
 
