@@ -2,7 +2,11 @@
 evaluators): it knows nothing of training.
 
 Each process predicts, pastes and RLE-encodes only its own shard of the split; process 0 gathers the results, runs
-COCOeval once and writes the files, and every process returns the same metrics. Into the workdir go
+COCOeval once and writes the files, and every process returns the same metrics. The batches are on the config's
+canvas: the fixed data.canvas_size, or with data.eval_canvas "padded" each image's own padded canvas, grouped by
+canvas so that every batch has one shape and every process runs the same shapes in the same order (data.pipeline's
+eval_plan); the predict function then compiles once per canvas. Each image is resized, padded, mapped back and
+pasted exactly as the Predictor does it (serving.host), so the metrics are those of the Predictor's results. Into the workdir go
     eval/step_XXXXXXXX_results.json     the COCO results JSON (bbox and segmentation per detection)
     eval/step_XXXXXXXX_per_class.txt    a per-class AP table (AP@[.5:.95], all areas, maxDets = eval.max_dets)
     eval_metrics.jsonl                  one appended line: {"step", "bbox_AP", ..., "segm_ARl"} (coco.METRIC_KEYS)
