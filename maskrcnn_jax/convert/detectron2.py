@@ -54,10 +54,10 @@ import numpy as np
 
 from maskrcnn_jax.convert.layout import (
     VariableTree,
+    check_backbone_kind,
     conv_kernel,
     conv_transpose_kernel,
     dense_kernel,
-    check_backbone_kind,
     dense_kernel_from_nchw_flatten,
     layer4_as_res5,
     to_numpy,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from maskrcnn_jax import ops
+from maskrcnn_jax.ops.roi_align import ROI_REDUCTIONS
 from maskrcnn_jax.modeling.fpn import ResNetFPN
 from maskrcnn_jax.modeling.heads import BoxHead, FCNMaskHead, GlobalPoolBoxHead, MLPMaskHead
 from maskrcnn_jax.modeling.keypoint_head import KeypointHead
@@ -30,9 +31,8 @@ from maskrcnn_jax.modeling.single_level import SingleLevelResNet, single_level_s
 
 BACKBONE_KINDS = ("fpn", "c4", "c5")
 # RoI feature extraction (the paper's Table 2c): RoIAlign, RoIPool, RoIWarp; align and warp average (or take the
-# max of) their bilinear samples, RoIPool is a max over quantized bins by definition.
+# max of) their bilinear samples (ROI_REDUCTIONS), RoIPool is a max over quantized bins by definition.
 ROI_OPS = ("align", "pool", "warp")
-ROI_REDUCTIONS = ("avg", "max")
 # "visible": detectron2's default (sum over the visible keypoints inside positive RoIs divided by their count in
 # the batch), which equals torchvision's mean; "fixed": detectron2's NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS=False,
 # divided by num_images * batch_size_per_image * positive_fraction * K (use it with loss_weight 4).
