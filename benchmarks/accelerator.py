@@ -18,8 +18,7 @@ Both sides see the same synthetic images and 8 ground-truth instances per image 
 gets them cropped to their boxes at 112 x 112, as the input pipeline sends them).
 
 Nothing here imports TensorFlow, so the accelerator machine needs only jax (CUDA), flax, optax, orbax, torch,
-torchvision and numpy. train.py imports the tf.data pipeline at module level, so `train_step`, `jit_train_step` and
-`MODEL_INPUTS` are read from train.py's source (see `_train_functions`) instead of imported.
+torchvision and numpy: train.py's step needs none (it imports the input pipeline inside train_and_evaluate).
 
 Each row runs in its own subprocess (its own peak memory, no JAX and torch in one process); rows run in order of
 priority and a row that would not finish inside --budget-s is reported as not run. Compiles go to a persistent
@@ -37,7 +36,6 @@ matmuls on Hopper). H200 NVL: 1,671 / 2 and 835 / 2.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import pathlib
@@ -84,40 +82,6 @@ DRY_RUN_CANVAS = (128, 128)
 
 
 # -- the rows (each runs in its own subprocess) ---------------------------------------------------------------------
-
-
-def _train_functions():
-    """train.py's MODEL_INPUTS, train_step and jit_train_step, without importing train.py (which imports TensorFlow).
-
-    The three definitions are compiled from train.py's own source, with train.py as their file name, in a namespace
-    holding the names they use; a definition that starts to need another name fails here, in the dry run."""
-    import functools
-    from typing import Callable, Mapping
-
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import Mesh
-
-    from maskrcnn_jax.engine import optim, parallel
-    from maskrcnn_jax.engine.checkpointing import TrainState
-    from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN
-
-    path = ROOT / "maskrcnn_jax" / "train.py"
-    module = ast.parse(path.read_text(), str(path))
-    wanted = {"MODEL_INPUTS", "train_step", "jit_train_step"}
-    body = [node for node in module.body
-            if (isinstance(node, ast.ImportFrom) and node.module == "__future__")
-            or (isinstance(node, ast.FunctionDef) and node.name in wanted)
-            or (isinstance(node, ast.Assign) and any(getattr(t, "id", None) in wanted for t in node.targets))]
-    namespace = {"functools": functools, "Callable": Callable, "Mapping": Mapping, "jax": jax, "jnp": jnp,
-                 "optax": optax, "Mesh": Mesh, "optim": optim, "parallel": parallel, "TrainState": TrainState,
-                 "MaskRCNN": MaskRCNN}
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)
-    missing = wanted - set(namespace)
-    if missing:
-        raise RuntimeError(f"train.py no longer defines {sorted(missing)}")
-    return namespace["MODEL_INPUTS"], namespace["train_step"], namespace["jit_train_step"]
 
 
 def _config(dry_run, dtype):
@@ -264,16 +228,17 @@ def run_train(dtype, batch_size, dry_run, work_dir, variant=""):
     from maskrcnn_jax.engine import checkpointing, parallel
     from maskrcnn_jax.modeling.mask_rcnn import build_model
 
+    from maskrcnn_jax import train
+
     _apply_variant(variant)
-    model_inputs, _, jit_train_step = _train_functions()
     config = _config(dry_run, dtype)
     config.train.batch_size = batch_size
     model = build_model(config.model)
     state, tx = checkpointing.create_train_state(config, model, variables=_variables(config, model, work_dir))
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     state = parallel.replicate(state, mesh)
-    batch = parallel.global_batch(_our_batch(config, batch_size), mesh, model_inputs)
-    step = jit_train_step(model, tx, config, mesh)
+    batch = parallel.global_batch(_our_batch(config, batch_size), mesh, train.model_inputs(config.model))
+    step = train.jit_train_step(model, tx, config, mesh)
 
     cache = _CacheHits()
     start = time.perf_counter()

@@ -3,6 +3,9 @@
 Data parallelism is one `jax.jit` over a 1-D `Mesh(devices, ('data',))` (engine.parallel): the batch is sharded
 `P('data')`, the train state is replicated and donated. A run resumes from the latest checkpoint in
 WORKDIR/checkpoints (engine.checkpointing), saves on SIGTERM, and evaluates with evaluation.CocoEvaluator.
+
+The step and its jit need no TensorFlow: the input pipeline and the evaluator (which do) are imported by
+`train_and_evaluate` itself, so the step runs where only JAX is installed (benchmarks/accelerator.py).
 """
 
 from __future__ import annotations
@@ -19,12 +22,9 @@ from absl import logging
 from jax.sharding import Mesh
 
 from maskrcnn_jax import config as config_lib
-from maskrcnn_jax.data import coco_dataset
-from maskrcnn_jax.data import pipeline
-from maskrcnn_jax.data.transforms import InputOptions
-from maskrcnn_jax.engine import checkpointing, datasets, optim, parallel, progress, workdir as workdir_lib
+from maskrcnn_jax.data.options import InputOptions
+from maskrcnn_jax.engine import checkpointing, optim, parallel, progress, workdir as workdir_lib
 from maskrcnn_jax.engine.checkpointing import TrainState
-from maskrcnn_jax.evaluation.evaluator import CocoEvaluator
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, build_model
 
 # The fields of a training batch the model reads; the rest (image ids, geometry) stays on the host.
@@ -44,6 +44,8 @@ def check_dataset_fits_model(config: ml_collections.ConfigDict, builder, categor
                          f"{categories.num_classes + 1} (the background counts)")
     if not config.model.keypoint_on:
         return
+    from maskrcnn_jax.data import coco_dataset
+
     schema = coco_dataset.load_keypoint_schema(builder)
     if schema is None:
         raise ValueError(f"model.keypoint_on is set but dataset {builder.data_dir} has no keypoint annotations")
@@ -125,6 +127,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     `train.eval_every` steps and after the last (`train.final_eval`); with `train.eval_only` only evaluates the
     checkpoint `eval.step` (default: the latest), which must exist. The last step is always checkpointed. Returns the
     last evaluation's metrics (coco.METRIC_KEYS) or None."""
+    from maskrcnn_jax.data import coco_dataset, pipeline
+    from maskrcnn_jax.engine import datasets
+    from maskrcnn_jax.evaluation.evaluator import CocoEvaluator
+
     config_lib.validate(config)
     mesh = parallel.make_mesh()
     local_batch_size = parallel.local_batch_size(config.train.batch_size, "train.batch_size", mesh)

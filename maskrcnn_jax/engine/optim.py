@@ -55,7 +55,8 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> Callable[
 
         return schedule
 
-    boundaries = jnp.asarray(tuple(train_config.lr_steps) or (np.iinfo(np.int32).max,), jnp.int32)
+    # NumPy, not jnp: a schedule built under a trace (the optimizer of an eval_shape'd state) must hold no tracer.
+    boundaries = np.asarray(tuple(train_config.lr_steps) or (np.iinfo(np.int32).max,), np.int32)
     gamma = float(train_config.lr_gamma)
 
     def schedule(step):
