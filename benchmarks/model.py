@@ -18,6 +18,7 @@ head: res5 runs on every one of the 1000 proposals, and again on the 100 detecti
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import statistics
@@ -185,6 +186,7 @@ def run_ours_inference(config_file, repeats):
         "mask_size": int(out["masks"].shape[-1]),
         "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"])),
         "peak_rss_mb": peak_rss_mb(),
+        "load_average": os.getloadavg()[0],  # the machine is shared: other jobs' load lands on the times
     }
 
 
@@ -219,6 +221,13 @@ def backbones(repeats, rounds):
             f"| {max(r['peak_rss_mb'] for r in results[label]):.0f} |")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+
+    def per_round(label, key):
+        return ", ".join(f"{statistics.median(r[key]) if isinstance(r[key], list) else r[key]:.2f}"
+                         for r in results[label])
+
+    rounds_lines = [f"- {label}: inference medians per round {per_round(label, 'inference_s')} s, 1-minute load "
+                    f"average after each {per_round(label, 'load_average')}" for label in BACKBONE_CONFIGS]
     body = "\n".join([
         "## model backbones (`benchmarks/model.py --backbones`)",
         "",
@@ -233,6 +242,8 @@ def backbones(repeats, rounds):
         "every round, compile excluded.",
         "",
         *table,
+        "",
+        *rounds_lines,
         "",
         "C4 runs res5 (three bottleneck blocks, 1024 -> 2048 channels on 14 x 14 -> 7 x 7) on each of the 1000",
         "proposals, and again on the 100 detections for their masks; FPN's box head is two FC layers. The paper's",
