@@ -134,7 +134,7 @@ def _our_batch(config, batch_size, seed=0):
     for b in range(batch_size):
         gt_masks[b, :n] = np.asarray(ops.crop_masks_to_boxes(masks[b], boxes[b, :n], d.mask_size))
     return {
-        "image": rng.standard_normal((batch_size, *d.canvas_size, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, (batch_size, *d.canvas_size, 3), dtype=np.uint8),  # as the pipeline sends
         "image_size": np.tile(np.asarray(d.canvas_size, np.int32), (batch_size, 1)),
         "gt_boxes": boxes,
         "gt_classes": classes,
@@ -261,6 +261,7 @@ def run_train(dtype, batch_size, dry_run, work_dir, variant=""):
 
 def run_predict(dtype, batch_size, dry_run, work_dir):
     import jax
+    import numpy as np
 
     from maskrcnn_jax.engine import parallel
     from maskrcnn_jax.modeling.mask_rcnn import build_model
@@ -270,6 +271,7 @@ def run_predict(dtype, batch_size, dry_run, work_dir):
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     variables = parallel.replicate(_variables(config, model, work_dir), mesh)
     host = _our_batch(config, batch_size)
+    host["image"] = (host["image"].astype(np.float32) - 128.0) / 64.0  # serving sends normalised float32 canvases
     inputs = parallel.global_batch(host, mesh, ("image", "image_size"))
     sharded = parallel.batch_sharded(mesh)
     # train.make_predict_fn's jit.

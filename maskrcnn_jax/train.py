@@ -22,6 +22,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from maskrcnn_jax import config as config_lib
+from maskrcnn_jax import ops
 from maskrcnn_jax.data.options import InputOptions
 from maskrcnn_jax.engine import checkpointing, optim, parallel, progress, workdir as workdir_lib
 from maskrcnn_jax.engine.checkpointing import TrainState
@@ -56,12 +57,14 @@ def check_dataset_fits_model(config: ml_collections.ConfigDict, builder, categor
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: MaskRCNN,
-               tx: optax.GradientTransformation, schedule: Callable, ema_decay: float = 0.0
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, schedule: Callable, ema_decay: float = 0.0,
+               pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0)) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch. A step whose loss or gradients are not finite leaves parameters,
     statistics, optimizer and moving average untouched (and reports finite=False), so a checkpoint never holds NaNs.
-    With ema_decay > 0 the moving average of the parameters follows: ema = decay * ema + (1 - decay) * params."""
+    With ema_decay > 0 the moving average of the parameters follows: ema = decay * ema + (1 - decay) * params.
+    uint8 images (the input pipeline's default) are normalised here, with pixel_mean and pixel_std."""
     rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    batch = {**batch, "image": ops.normalize_canvas(batch["image"], batch["image_size"], pixel_mean, pixel_std)}
 
     def loss_fn(params):
         (total, losses), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch,
@@ -89,7 +92,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Mask
 def jit_train_step(model: MaskRCNN, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                    mesh: Mesh) -> Callable:
     step = functools.partial(train_step, model=model, tx=tx, schedule=optim.learning_rate_schedule(config.train),
-                             ema_decay=float(config.train.ema_decay))
+                             ema_decay=float(config.train.ema_decay), pixel_mean=tuple(config.data.pixel_mean),
+                             pixel_std=tuple(config.data.pixel_std))
     replicated = parallel.replicated(mesh)
     return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0)

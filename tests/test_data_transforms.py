@@ -151,10 +151,11 @@ def _example(rng, height, width, n):
     return parsed, image, masks, boxes, labels, crowd
 
 
-def test_train_example_matches_reference(rng):
+@pytest.mark.parametrize("image_dtype", ["uint8", "float32"])
+def test_train_example_matches_reference(rng, image_dtype):
     height, width, n = 37, 53, 4
     options = InputOptions(canvas_size=(64, 80), scale_jitter=(0.7, 1.6), random_flip=True, max_instances=6,
-                           mask_size=14)
+                           mask_size=14, train_image_dtype=image_dtype)
     parsed, image, masks, boxes, labels, crowd = _example(rng, height, width, n)
     base_scale = min(64 / height, 80 / width)
     seen_flips, seen_crops = set(), False
@@ -170,13 +171,21 @@ def test_train_example_matches_reference(rng):
         assert (ch, cw) == (min(size_h - oy, 64), min(size_w - ox, 80))
         assert out["original_size"].tolist() == [height, width]
 
-        # Image: resize, crop the window, flip, normalise, pad with zeros.
+        # Image: resize, crop the window, flip, pad with zeros; normalised (float32) or rounded to pixels (uint8, the
+        # step normalises them).
         resized = reference_resize(image.astype(np.float64), size_h, size_w)[oy:oy + ch, ox:ox + cw]
         if flip:
             resized = resized[:, ::-1]
         expected_image = np.zeros((64, 80, 3))
-        expected_image[:ch, :cw] = (resized - options.pixel_mean) / options.pixel_std
-        np.testing.assert_allclose(out["image"], expected_image, atol=1e-3)
+        if image_dtype == "uint8":
+            expected_image[:ch, :cw] = np.clip(np.round(resized), 0, 255)
+            assert out["image"].dtype == np.uint8
+            difference = np.abs(out["image"].astype(np.float64) - expected_image)
+            assert difference.max() <= 1 and (difference > 0).mean() < 0.01  # only float ties round apart
+        else:
+            expected_image[:ch, :cw] = (resized - options.pixel_mean) / options.pixel_std
+            assert out["image"].dtype == np.float32
+            np.testing.assert_allclose(out["image"], expected_image, atol=1e-3)
 
         # Boxes.
         expected_boxes = np.clip(boxes * [sx, sy, sx, sy] - [ox, oy, ox, oy], 0, [cw, ch, cw, ch])
@@ -235,7 +244,7 @@ def test_decode_image_any_channels_and_depth(rng):
 # Pipelines on a tiny built dataset.
 
 CONTRACT = {  # key: (shape after the batch axis, dtype)
-    "image": ((64, 64, 3), np.float32), "gt_boxes": ((5, 4), np.float32), "gt_classes": ((5,), np.int32),
+    "image": ((64, 64, 3), np.uint8), "gt_boxes": ((5, 4), np.float32), "gt_classes": ((5,), np.int32),
     "gt_is_crowd": ((5,), np.bool_), "gt_valid": ((5,), np.bool_), "gt_masks": ((5, 16, 16), np.float32),
     "image_id": ((), np.int64), "original_size": ((2,), np.int32), "image_scale": ((2,), np.float32),
     "image_size": ((2,), np.int32), "crop_offset": ((2,), np.float32), "flipped": ((), np.bool_),

@@ -103,13 +103,14 @@ def _abstract_state(config, model, mesh):
     return state, tx
 
 
-def _batch_specs(config, batch_size, mesh, keys=train.MODEL_INPUTS):
-    """The pipeline's training batch contract (data/pipeline.py) at the config's shapes, sharded over 'data'."""
+def _batch_specs(config, batch_size, mesh, keys=train.MODEL_INPUTS, image_dtype=None):
+    """The pipeline's training batch contract (data/pipeline.py) at the config's shapes, sharded over 'data': uint8
+    images, as training sends them (evaluation and serving send float32)."""
     d = config.data
     height, width = d.canvas_size
     g, m = d.max_instances, d.mask_size
     shapes = {
-        "image": ((batch_size, height, width, 3), jnp.float32),
+        "image": ((batch_size, height, width, 3), jnp.dtype(image_dtype or d.train_image_dtype)),
         "image_size": ((batch_size, 2), jnp.int32),
         "gt_boxes": ((batch_size, g, 4), jnp.float32),
         "gt_classes": ((batch_size, g), jnp.int32),
@@ -140,7 +141,7 @@ def export_predict(platform, config):
     mesh = _mesh()
     model = build_model(config.model)
     state, _ = _abstract_state(config, model, mesh)
-    batch = _batch_specs(config, config.eval.batch_size, mesh, keys=("image", "image_size"))
+    batch = _batch_specs(config, config.eval.batch_size, mesh, keys=("image", "image_size"), image_dtype="float32")
     sharded = parallel.batch_sharded(mesh)
     network = jax.jit(lambda variables, images, sizes: model.apply(variables, images, sizes, method=model.predict),
                       in_shardings=(parallel.replicated(mesh), sharded, sharded), out_shardings=sharded)

@@ -102,7 +102,9 @@ def test_no_decay_on_norms_or_biases_and_no_update_for_frozen_stages(rng):
 def test_a_non_finite_step_is_skipped_and_stops_the_run_naming_step_and_images(compiled):
     config, _, mesh, state, step = compiled
     local = batches(config, 1)[0]
-    poisoned = dict(local, image=np.where(np.arange(64)[None, :, None, None] == 3, np.nan, local["image"]))
+    # A float canvas is taken as normalised already (only uint8 ones are normalised in the step): a NaN row in it.
+    image = np.where(np.arange(64)[None, :, None, None] == 3, np.nan, local["image"]).astype(np.float32)
+    poisoned = dict(local, image=image)
     params_before = jax.device_get(state.params)
     new_state, metrics = step(jax.tree.map(jnp.copy, state), parallel.global_batch(poisoned, mesh, train.MODEL_INPUTS))
     assert not bool(metrics["finite"])

@@ -49,6 +49,9 @@ class InputOptions:
     eval_canvas_step: int = 0  # "padded": > 0 rounds each side up to a multiple of this (a multiple of the above)
     eval_canvas_sides: tuple[int, ...] = ()  # "padded": each side rounded up to the smallest of these holding it
     mask_dtype: str = "float32"  # "float32": bilinear values in [0, 1]; "uint8": binarised at 0.5
+    # The training canvas: "uint8" travels as pixels (the bilinear resize rounded, a quarter of float32's bytes) and
+    # is normalised on the device, inside the train step; "float32" is normalised here, as evaluation images are.
+    train_image_dtype: str = "uint8"
     shuffle_buffer: int = 1024
     deterministic: bool = True  # order and content are a function of the seed (needed for exact resume)
     # (name, mirrored name) pairs of keypoint types that a horizontal flip swaps; empty: derived from the
@@ -63,6 +66,8 @@ class InputOptions:
                 raise ValueError(f"keypoint_flip_map entries must be (name, mirrored name) pairs, got {pair!r}")
         if self.mask_dtype not in ("float32", "uint8"):
             raise ValueError(f"mask_dtype must be 'float32' or 'uint8', got {self.mask_dtype!r}")
+        if self.train_image_dtype not in ("uint8", "float32"):
+            raise ValueError(f"train_image_dtype must be 'uint8' or 'float32', got {self.train_image_dtype!r}")
         if self.size_rounding not in image_resize.SIZE_ROUNDINGS:
             raise ValueError(f"size_rounding must be one of {image_resize.SIZE_ROUNDINGS}, got "
                              f"{self.size_rounding!r}")

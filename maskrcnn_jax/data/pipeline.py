@@ -5,7 +5,9 @@ Batch contract (B = per-process batch size, G = options.max_instances, M = optio
 Every batch of a pipeline has exactly these shapes and dtypes.
 
 Training (`train_dataset`, `TrainIterator`):
-  image          float32 [B, Hc, Wc, 3]  RGB, (pixel - pixel_mean) / pixel_std; the image occupies the top-left
+  image          uint8   [B, Hc, Wc, 3]  RGB pixels (the bilinear resize rounded; ops.normalize_canvas normalises them
+                                         on the device), or with train_image_dtype="float32" float32
+                                         (pixel - pixel_mean) / pixel_std; the image occupies the top-left
                                          `image_size` window, the rest is 0
   gt_boxes       float32 [B, G, 4]       xyxy in canvas pixels (continuous: pixel k covers [k, k+1)); 0 if invalid
   gt_classes     int32   [B, G]          contiguous labels 1..K; 0 where invalid
@@ -29,8 +31,9 @@ Training (`train_dataset`, `TrainIterator`):
   crop_offset    float32 [B, 2]          (y, x) of the window in the scaled image (non-zero only with jitter > canvas)
   flipped        bool    [B]             mirrored horizontally (x -> image_size_w - x)
 
-Evaluation (`eval_dataset`, `eval_batches`): image, image_id, original_size, image_scale, image_size as above
-(no jitter, crop or flip, so original = canvas / image_scale), plus
+Evaluation (`eval_dataset`, `eval_batches`): image (always float32, normalised: exactly what the serving host
+prepares), image_id, original_size, image_scale, image_size as above (no jitter, crop or flip, so original =
+canvas / image_scale), plus
   example_valid  bool    [B]             False for the padding examples that fill a batch (image_id -1)
 and, with `with_ground_truth=True`, the five gt_* fields (six with keypoints). `eval_plan` first reads every
 example's stored size (no pixels) and gives each its resized size and canvas by data/image_resize.py's rules, the

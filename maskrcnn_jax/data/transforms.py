@@ -156,13 +156,20 @@ def _pad_to(tensor: tf.Tensor, length: int) -> tf.Tensor:
 
 
 def _image_to_canvas(image: tf.Tensor, size: tf.Tensor, offset_yx: tf.Tensor, content_size: tf.Tensor,
-                     flip: tf.Tensor, options: InputOptions, canvas_size: tuple[int, int]) -> tf.Tensor:
+                     flip: tf.Tensor, options: InputOptions, canvas_size: tuple[int, int],
+                     normalize: bool = True) -> tf.Tensor:
+    """The resized, cropped and flipped image in the canvas' top-left window: normalised, float32 and 0 outside the
+    window; or with normalize=False uint8 pixels (the resize rounded) and 0 outside, for ops.normalize_canvas on the
+    device."""
     resized = tf.image.resize(image, size, method="bilinear")  # float32, half-pixel centres
     window = resized[offset_yx[0]:offset_yx[0] + content_size[0], offset_yx[1]:offset_yx[1] + content_size[1]]
     window = tf.cond(flip, lambda: tf.reverse(window, axis=[1]), lambda: window)
-    normalized = (window - tf.constant(options.pixel_mean, tf.float32)) / tf.constant(options.pixel_std, tf.float32)
+    if normalize:
+        window = (window - tf.constant(options.pixel_mean, tf.float32)) / tf.constant(options.pixel_std, tf.float32)
+    else:
+        window = tf.cast(tf.clip_by_value(tf.round(window), 0.0, 255.0), tf.uint8)
     canvas_h, canvas_w = canvas_size
-    canvas = tf.pad(normalized, [[0, canvas_h - content_size[0]], [0, canvas_w - content_size[1]], [0, 0]])
+    canvas = tf.pad(window, [[0, canvas_h - content_size[0]], [0, canvas_w - content_size[1]], [0, 0]])
     canvas.set_shape([canvas_h, canvas_w, 3])
     return canvas
 
@@ -233,12 +240,12 @@ def _random_geometry(original_hw: tf.Tensor, key: tf.Tensor, options: InputOptio
 
 
 def _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options,
-                    canvas_size=None):
+                    canvas_size=None, normalize=True):
     """The features training and evaluation share: the canvas image (on `canvas_size`, default
     options.canvas_size) and what maps it back to the original."""
     return {
         "image": _image_to_canvas(image, size, offset, content_size, flip, options,
-                                  canvas_size or options.canvas_size),
+                                  canvas_size or options.canvas_size, normalize),
         "image_id": tf.cast(example["image_id"], tf.int64),
         "original_size": tf.cast(original_hw, tf.int32),
         "image_scale": scale_yx,
@@ -258,7 +265,8 @@ def train_example(example: Mapping[str, Any], key: tf.Tensor, options: InputOpti
     original_hw = tf.shape(image)[:2]
     size, offset, content_size, flip = _random_geometry(original_hw, key, options)
     scale_yx = tf.cast(size, tf.float32) / tf.cast(original_hw, tf.float32)
-    features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options)
+    features = _image_features(example, image, original_hw, scale_yx, size, offset, content_size, flip, options,
+                               normalize=options.train_image_dtype == "float32")
     features.update(crop_offset=tf.cast(offset, tf.float32), flipped=flip)
     features.update(_ground_truth(example["objects"], original_hw, scale_yx, offset, content_size, flip, options,
                                   keypoint_flip))

@@ -11,6 +11,7 @@ from maskrcnn_jax.ops.boxes import (
     encode_matched_boxes,
     min_size_mask,
 )
+from maskrcnn_jax.ops.images import normalize_canvas
 from maskrcnn_jax.ops.keypoints import (
     KEYPOINT_LOSS_NORMALIZATIONS,
     detectron2_keypoint_loss_normalizer,
