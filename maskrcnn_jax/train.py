@@ -184,10 +184,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics = None
     logging.info("training steps %d..%d on %d devices (%d processes), %d images per step", start_step + 1,
                  num_steps, mesh.size, jax.process_count(), config.train.batch_size)
+    batches = parallel.device_batches(iterator, num_steps - start_step, mesh, inputs)
     try:
-        for step in range(start_step + 1, num_steps + 1):
-            local = next(iterator)
-            state, step_metrics = step_fn(state, parallel.global_batch(local, mesh, inputs))
+        for step, (local, batch) in zip(range(start_step + 1, num_steps + 1), batches):
+            state, step_metrics = step_fn(state, batch)
+            consumed = batches_consumed + step - start_step  # the iterator itself has read ahead
             log.add(step, step_metrics, local["image_id"])
             is_last = step == num_steps
             if step % config.train.log_every == 0 or is_last:
@@ -198,13 +199,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 log.check()
                 metrics = evaluate(state, step)
                 writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-                checkpointing.save_checkpoint(manager, state, iterator.batches_consumed, metrics)
+                checkpointing.save_checkpoint(manager, state, consumed, metrics)
             elif step % config.train.checkpoint_every == 0 or is_last:
                 log.check()
-                checkpointing.save_checkpoint(manager, state, iterator.batches_consumed)
+                checkpointing.save_checkpoint(manager, state, consumed)
             if not is_last and preemption.should_stop(step):
                 log.check()
-                checkpointing.save_checkpoint(manager, state, iterator.batches_consumed)
+                checkpointing.save_checkpoint(manager, state, consumed)
                 logging.warning("preemption requested: saved step %d to %s and stopping", step, manager.directory)
                 break
     finally:

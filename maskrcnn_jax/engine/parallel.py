@@ -4,8 +4,9 @@ assembles it. The same code runs on one CPU, 8 GPUs or a TPU pod."""
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -37,6 +38,25 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, keys: Sequen
     """This process' rows of the batch -> global arrays sharded over the mesh's 'data' axis."""
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, local_batch[k]) for k in keys}
+
+
+def device_batches(local_batches: Iterator[Mapping[str, np.ndarray]], count: int, mesh: Mesh, keys: Sequence[str],
+                   ahead: int = 2) -> Iterator[tuple[Mapping[str, np.ndarray], dict[str, jax.Array]]]:
+    """(local batch, global batch) for the next `count` batches, each global batch sent to the devices `ahead`
+    batches before it is handed out, so that its host-to-device copy overlaps the steps before it. Exactly `count`
+    batches are read from `local_batches`."""
+    in_flight = collections.deque()
+
+    def send():
+        local = next(local_batches)
+        in_flight.append((local, global_batch(local, mesh, keys)))
+
+    for _ in range(min(ahead, count)):
+        send()
+    for handed_out in range(count):
+        if handed_out + len(in_flight) < count:
+            send()
+        yield in_flight.popleft()
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
