@@ -34,7 +34,8 @@ def tiny_single_level_config(kind):
 
 def test_single_level_anchors_are_detectron2s_cell_order():
     """C4: every size on the stride-16 level, each location's 15 anchors size-major then ratio (detectron2's
-    DefaultAnchorGenerator order, which its C4 RPN weights expect), each cell anchor as ops.anchors.cell_anchors makes it."""
+    DefaultAnchorGenerator order, which its C4 RPN weights expect), each cell anchor as ops' cell_anchors makes
+    it."""
     sizes, ratios = (32, 64, 128, 256, 512), (0.5, 1.0, 2.0)
     assert anchors_per_location((16,), sizes, ratios) == 15
     assert anchors_per_location((4, 8, 16, 32, 64), sizes, ratios) == 3
