@@ -92,6 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
     evaluation.max_dets = 100  # COCOeval's third maxDets (AP and AR100 use it), at least 10
     evaluation.mask_threshold = 0.5
     evaluation.mask_paste = "detectron2"  # or "torchvision": how 28 x 28 masks are pasted into the image
+    # How keypoint heatmaps become keypoints (serving/keypoints.py): "torchvision" (score = the heatmap's logit at
+    # the maximum, as its heatmaps_to_keypoints) or "detectron2" (score = the softmax probability there).
+    evaluation.keypoint_decode = "torchvision"
+    # OKS sigmas of the dataset's K keypoint types for COCOeval; empty: the dataset's own (its category's
+    # kpt_oks_sigmas), else COCO's 17 when K is 17, else an error.
+    evaluation.kpt_oks_sigmas = ()
     evaluation.num_overlays = 0  # PNGs of predictions on the first validation images, in WORKDIR/overlays
     evaluation.overlay_score_threshold = 0.5
     return config

@@ -92,16 +92,24 @@ def predict_files(predictor, paths: Sequence[str], out_dir: str, score_threshold
         done += 1
         images.append({"id": image_id, "file_name": os.path.abspath(path), "height": int(pixels.shape[0]),
                        "width": int(pixels.shape[1])})
-        overlay = visualize.draw_overlay(pixels, result, None, score_threshold, colour_by_instance=True)
+        overlay = visualize.draw_overlay(pixels, result, score_threshold, colour_by_instance=True,
+                                         skeleton=predictor.spec.keypoint_skeleton)
         overlay.save(os.path.join(out_dir, f"{name}.png"))
-        for k, rle in enumerate(coco.encode_masks(result["masks"])):
-            entry = coco.coco_result(image_id, result["labels"][k], result["boxes"][k], result["scores"][k], rle)
-            if polygons:
+        count = len(result["scores"])
+        rles = coco.encode_masks(result["masks"]) if "masks" in result else [None] * count
+        for k, rle in enumerate(rles):
+            entry = coco.coco_result(image_id, result["labels"][k], result["boxes"][k], result["scores"][k], rle,
+                                     result["keypoints"][k] if "keypoints" in result else None)
+            if polygons and rle is not None:
                 entry["polygons"] = mask_polygons(result["masks"][k])
             results.append(entry)
         bar.update(1)
     bar.close()
     categories = [{"id": int(c), "name": n} for c, n in zip(category_ids, predictor.spec.names)]
+    if predictor.spec.keypoint_names:  # what COCO's loadRes of keypoint results reads
+        for category in categories:
+            category["keypoints"] = list(predictor.spec.keypoint_names)
+            category["skeleton"] = [[a + 1, b + 1] for a, b in predictor.spec.keypoint_skeleton]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f)
     with open(os.path.join(out_dir, "images.json"), "w") as f:

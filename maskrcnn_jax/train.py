@@ -37,14 +37,15 @@ def model_inputs(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return MODEL_INPUTS + (("gt_keypoints",) if model_config.keypoint_on else ())
 
 
-def check_dataset_fits_model(config: ml_collections.ConfigDict, builder, categories) -> None:
-    """The model's class count (and keypoint count) must be the dataset's; the error says what to set."""
+def check_dataset_fits_model(config: ml_collections.ConfigDict, builder, categories):
+    """The model's class count (and keypoint count) must be the dataset's; the error says what to set. Returns the
+    dataset's keypoint schema for a keypoint model, else None."""
     if config.model.num_classes != categories.num_classes + 1:
         raise ValueError(f"model.num_classes is {config.model.num_classes} but the dataset has "
                          f"{categories.num_classes} categories: set --config.model.num_classes="
                          f"{categories.num_classes + 1} (the background counts)")
     if not config.model.keypoint_on:
-        return
+        return None
     from maskrcnn_jax.data import coco_dataset
 
     schema = coco_dataset.load_keypoint_schema(builder)
@@ -54,6 +55,7 @@ def check_dataset_fits_model(config: ml_collections.ConfigDict, builder, categor
         raise ValueError(f"model.keypoint_head.num_keypoints is {config.model.keypoint_head.num_keypoints} but the "
                          f"dataset has {schema.num_keypoints} keypoint types: set "
                          f"--config.model.keypoint_head.num_keypoints={schema.num_keypoints}")
+    return schema
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: MaskRCNN,
@@ -141,16 +143,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.local_batch_size(config.eval.batch_size, "eval.batch_size", mesh)
     builder, sources = datasets.prepare_dataset(config)
     categories = coco_dataset.load_category_map(builder)
-    check_dataset_fits_model(config, builder, categories)
+    keypoint_schema = check_dataset_fits_model(config, builder, categories)
     if jax.process_index() == 0 and not config.train.eval_only:
         workdir_lib.write_config(workdir, config)
         workdir_lib.write_categories(workdir, categories)
+        if keypoint_schema is not None:
+            workdir_lib.write_keypoint_schema(workdir, keypoint_schema)
 
     model = build_model(config.model)
     state, tx = checkpointing.create_train_state(config, model)
     state = parallel.replicate(state, mesh)
     manager = checkpointing.checkpoint_manager(workdir, config)
-    evaluator = CocoEvaluator(config, builder, sources, categories, workdir)
+    evaluator = CocoEvaluator(config, builder, sources, categories, workdir, keypoint_schema)
     predict = make_predict_fn(model, mesh)
 
     def evaluate(state, step):

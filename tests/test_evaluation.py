@@ -10,8 +10,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn_jax import config as config_lib
 from maskrcnn_jax.evaluation import coco as evaluation
 from maskrcnn_jax.serving import host
+from maskrcnn_jax.serving.predictor import spec_from_config
 from maskrcnn_jax.data.coco_format import CategoryMap
 
 # Non-contiguous ids, as COCO's 1..90 with gaps.
@@ -170,7 +172,8 @@ def test_detections_round_trip_to_original_pixels_and_dataset_ids(rng):
         "valid": np.asarray([True, True, True, False, False, False]),
     }
     image_size = np.round(np.asarray([height, width]) * scale).astype(np.int32)  # the image's window on the canvas
-    results, detections = evaluation.detections_to_results(predictions, 5, image_size, (height, width), CATEGORIES)
+    spec = spec_from_config(config_lib.base_config(), CATEGORIES, batch_size=1)
+    results, detections = evaluation.detections_to_results(predictions, 5, image_size, (height, width), spec)
     assert [r["category_id"] for r in results] == [3, 17, 42]
     np.testing.assert_allclose([r["bbox"] for r in results], [a["bbox"] for a in annotations], atol=1e-4)
     for result, annotation in zip(results, annotations):
@@ -187,3 +190,59 @@ def test_boxes_to_original_scales_by_original_over_resized_and_clips():
     out = host.boxes_to_original(boxes, np.asarray([200, 60]), np.asarray([100, 120]))
     np.testing.assert_allclose(out[0], [20, 10, 100, 30])
     np.testing.assert_allclose(out[1], [0, 0, 120, 100])
+
+
+def test_keypoint_detections_round_trip_and_score_oks_ap_one(rng):
+    """Heatmaps peaked at the ground-truth keypoints (in canvas pixels) decode, map back to the original image and
+    score keypoint AP 1 with the dataset's sigmas; the results carry COCO's flat keypoint lists."""
+    from maskrcnn_jax.data.keypoints import KeypointSchema
+
+    height, width, scale, num_keypoints, m = 120, 160, 0.5, 3, 56
+    schema = KeypointSchema(("head", "left_hand", "right_hand"), ((0, 1), (0, 2)), (0.05, 0.05, 0.05), (3,))
+    people = [(10.0, 20.0, 70.0, 110.0), (90.0, 10.0, 150.0, 100.0)]
+    annotations, heatmaps, boxes = [], np.full((4, m, m, num_keypoints), -10.0, np.float32), np.zeros((4, 4))
+    for k, (x1, y1, x2, y2) in enumerate(people):
+        points = np.stack([rng.uniform(x1 + 5, x2 - 5, num_keypoints), rng.uniform(y1 + 5, y2 - 5, num_keypoints),
+                           np.full(num_keypoints, 2.0)], 1)
+        annotations.append({"id": k + 1, "image_id": 9, "category_id": 3, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "num_keypoints": num_keypoints,
+                            "keypoints": points.reshape(-1).tolist()})
+        boxes[k] = np.asarray([x1, y1, x2, y2]) * scale
+        for j, (x, y, _) in enumerate(points):  # the heatmap cell whose decoded centre is nearest the keypoint
+            column = int((x * scale - boxes[k, 0]) / (boxes[k, 2] - boxes[k, 0]) * m)
+            row = int((y * scale - boxes[k, 1]) / (boxes[k, 3] - boxes[k, 1]) * m)
+            heatmaps[k, min(row, m - 1), min(column, m - 1), j] = 10.0
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 9, "height": height, "width": width, "file_name": "9.jpg"}],
+                    "annotations": annotations,
+                    "categories": [{"id": c, "name": n, "keypoints": list(schema.names), "skeleton": [[1, 2], [1, 3]]}
+                                   for c, n in zip(CATEGORY_IDS, CATEGORIES.names)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    config = config_lib.base_config()
+    config.model.keypoint_on = True
+    config.model.mask_on = False
+    spec = spec_from_config(config, CATEGORIES, batch_size=1, keypoint_schema=schema)
+    predictions = {"boxes": boxes.astype(np.float32), "scores": np.asarray([0.9, 0.8, 0.1, 0.1], np.float32),
+                   "classes": np.asarray([1, 1, 2, 2], np.int32), "valid": np.asarray([True, True, False, False]),
+                   "keypoint_heatmaps": heatmaps}
+    image_size = (int(height * scale), int(width * scale))
+    results, detections = evaluation.detections_to_results(predictions, 9, image_size, (height, width), spec)
+    assert "masks" not in detections and detections["keypoints"].shape == (2, num_keypoints, 3)
+    assert all(len(r["keypoints"]) == 3 * num_keypoints and "segmentation" not in r for r in results)
+    for result, annotation in zip(results, annotations):
+        error = np.abs(np.asarray(result["keypoints"]).reshape(-1, 3)[:, :2]
+                       - np.asarray(annotation["keypoints"]).reshape(-1, 3)[:, :2])
+        assert error.max() <= 2.0 / scale  # within a heatmap cell of the box (< 2 canvas pixels here)
+    metrics, per_class = evaluation.coco_metrics(coco, results, iou_types=("bbox", "keypoints"),
+                                                 sigmas=schema.oks_sigmas)
+    assert list(metrics)[-10:] == [f"keypoints_{n}" for n in evaluation.KEYPOINT_STAT_NAMES]
+    assert metrics["keypoints_AP"] == pytest.approx(1.0) and metrics["bbox_AP"] == pytest.approx(1.0)
+
+
+def test_oks_sigmas_come_from_the_config_the_dataset_or_coco():
+    assert evaluation.oks_sigmas((), None, 17) == evaluation.COCO_OKS_SIGMAS
+    assert evaluation.oks_sigmas((), (0.1, 0.2), 2) == (0.1, 0.2)
+    assert evaluation.oks_sigmas((0.3, 0.4), (0.1, 0.2), 2) == (0.3, 0.4)
+    with pytest.raises(ValueError, match="needs 13 OKS sigmas"):
+        evaluation.oks_sigmas((), None, 13)

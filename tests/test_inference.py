@@ -304,8 +304,7 @@ def test_padded_evaluation_equals_the_padded_predictor(workdir, padded_predictor
     count = 0
     for prediction, meta in evaluator.local_predictions(predict):
         _, detections = coco.detections_to_results(prediction, meta["image_id"], meta["image_size"],
-                                                   meta["original_size"], padded_predictor.categories,
-                                                   config.eval.mask_threshold, config.eval.mask_paste)
+                                                   meta["original_size"], evaluator.spec)
         # The pipeline's own decoder, so that both sides start from the same pixels.
         pixels = tf.io.decode_image(tf.io.read_file(os.path.join(images_dir, files[meta["image_id"]])),
                                     channels=3).numpy()
@@ -313,8 +312,7 @@ def test_padded_evaluation_equals_the_padded_predictor(workdir, padded_predictor
         order = np.argsort(-detections["scores"], kind="stable")
         np.testing.assert_allclose(detections["boxes"][order], expected["boxes"], atol=1e-3)
         np.testing.assert_allclose(detections["scores"][order], expected["scores"], atol=1e-5)
-        np.testing.assert_array_equal(padded_predictor.categories.label_to_category_id_array()[
-            detections["labels"][order]], expected["labels"])
+        np.testing.assert_array_equal(detections["labels"][order], expected["labels"])
         assert (detections["masks"][order] != expected["masks"]).mean() < 1e-3
         count += 1
     assert count == len(files)
@@ -355,20 +353,20 @@ def test_the_exported_model_matches_the_predictor(predictor, tmp_path, rng):
         assert_results_equal(expected, actual)
 
 
-def test_the_exported_model_runs_from_three_copied_files_without_the_package(predictor, tmp_path, rng):
-    """serving/exported_model.py, serving/host.py and data/image_resize.py, copied next to a server, run an export
-    with the package made unimportable, and give the Predictor's results."""
+def test_the_exported_model_runs_from_four_copied_files_without_the_package(predictor, tmp_path, rng):
+    """serving/exported_model.py, serving/host.py, serving/keypoints.py and data/image_resize.py, copied next to a
+    server, run an export with the package made unimportable, and give the Predictor's results."""
     import shutil
     import subprocess
     import sys
 
     from maskrcnn_jax.data import image_resize
-    from maskrcnn_jax.serving import exported_model
+    from maskrcnn_jax.serving import exported_model, keypoints
 
     out = export_predictor(predictor, str(tmp_path / "exported"))
     server = tmp_path / "server"
     server.mkdir()
-    for module in (exported_model, inference_io, image_resize):
+    for module in (exported_model, inference_io, image_resize, keypoints):
         shutil.copy(module.__file__, server)
     image = photo(rng, 90, 70)
     np.save(tmp_path / "image.npy", image)

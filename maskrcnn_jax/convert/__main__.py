@@ -18,12 +18,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maskrcnn_jax.convert.checkpoint import write_checkpoint
-from maskrcnn_jax.convert.coco_categories import coco_category_map
+from maskrcnn_jax.convert.coco_categories import COCO_PERSON_KEYPOINTS, coco_category_map
 from maskrcnn_jax.convert.configs import SOURCES, default_config
 from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS, keep_class_slots
 from maskrcnn_jax.convert.detectron2 import from_detectron2, load_detectron2_pickle
 from maskrcnn_jax.convert.torchvision import from_torchvision, is_keypoint_state_dict, load_torch_file
-from maskrcnn_jax.engine.workdir import write_categories
+from maskrcnn_jax.engine.workdir import write_categories, write_keypoint_schema
 
 flags.DEFINE_enum("from", None, SOURCES, "Which library wrote the checkpoint.")
 flags.DEFINE_string("out", None, "Workdir to write the Orbax checkpoint and config.json into.")
@@ -58,6 +58,8 @@ def main(argv):
     categories = coco_category_map(config.model.num_classes)
     if categories is not None:
         write_categories(FLAGS.out, categories)
+    if config.model.keypoint_on and config.model.keypoint_head.num_keypoints == 17:
+        write_keypoint_schema(FLAGS.out, COCO_PERSON_KEYPOINTS)
     else:
         logging.warning("%d classes is not a COCO layout: no categories.json written; prediction takes the names "
                         "from the config's dataset", config.model.num_classes)

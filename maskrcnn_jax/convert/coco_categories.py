@@ -1,8 +1,9 @@
 """COCO's category ids and names, for models imported from COCO checkpoints (their label maps travel with the
 workdir as categories.json, so prediction names classes without the dataset)."""
 
-from maskrcnn_jax.data.coco_format import CategoryMap
 from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS
+from maskrcnn_jax.data.coco_format import CategoryMap
+from maskrcnn_jax.data.keypoints import KeypointSchema
 
 COCO_CATEGORY_NAMES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -15,6 +16,20 @@ COCO_CATEGORY_NAMES = (
     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
 UNUSED_SLOT_NAME = "N/A"
+
+# COCO's person keypoints (person_keypoints_*.json): names, skeleton (the JSON's 1-based pairs, made 0-based) and
+# pycocotools' default OKS sigmas.
+COCO_PERSON_KEYPOINTS = KeypointSchema(
+    names=("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+           "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee",
+           "left_ankle", "right_ankle"),
+    skeleton=tuple((a - 1, b - 1) for a, b in (
+        (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9), (8, 10),
+        (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7))),
+    oks_sigmas=(0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
+                0.087, 0.089, 0.089),
+    category_ids=(1,),
+)
 
 
 def coco_category_map(num_classes: int) -> CategoryMap | None:

@@ -73,11 +73,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: MaskRCNN | None
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     policies = ocp.checkpoint_managers
+    metric = workdir_lib.best_metric(config.model)
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True,
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(config.train.max_checkpoints_to_keep),
-            policies.BestN(get_metric_fn=lambda metrics: metrics[workdir_lib.BEST_METRIC], n=1,
+            policies.BestN(get_metric_fn=lambda metrics: metrics[metric], n=1,
                            keep_checkpoints_without_metrics=False),
         ]),
     )
@@ -124,7 +125,8 @@ def restore_variables(workdir: str, config: ml_collections.ConfigDict, step: int
             available = manager.all_steps()
             if not available:
                 raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-            step = workdir_lib.best_step(workdir, available, manager.latest_step())
+            step = workdir_lib.best_step(workdir, available, manager.latest_step(),
+                                         workdir_lib.best_metric(config.model))
         abstract = jax.eval_shape(lambda: create_train_state(config)[0])
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)

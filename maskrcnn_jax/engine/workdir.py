@@ -3,6 +3,7 @@ workdir through these functions:
 
     config.json           the full config of the run (or of the imported model)
     categories.json       the label map: contiguous label k <-> the dataset's category id and name
+    keypoints.json        a keypoint model's keypoint names, skeleton and OKS sigmas
     checkpoints/          Orbax checkpoints (engine.checkpointing)
     eval_metrics.jsonl    one line per evaluation: {"step", "bbox_AP", ..., "segm_ARl"}
     eval/                 step_XXXXXXXX_results.json (COCO results) and step_XXXXXXXX_per_class.txt
@@ -21,12 +22,21 @@ import ml_collections
 from absl import logging
 
 from maskrcnn_jax.data.coco_format import CategoryMap
+from maskrcnn_jax.data.keypoints import KeypointSchema
 
 CONFIG_FILE = "config.json"
 CATEGORIES_FILE = "categories.json"
+KEYPOINTS_FILE = "keypoints.json"
 METRICS_FILE = "eval_metrics.jsonl"
-# The evaluation metric that picks the best checkpoint (kept by Orbax, restored for prediction).
+# The evaluation metric that picks the best checkpoint (kept by Orbax, restored for prediction): mask AP, or for a
+# model without masks keypoint AP, else box AP (best_metric).
 BEST_METRIC = "segm_AP"
+
+
+def best_metric(model_config) -> str:
+    if model_config.get("mask_on", True):
+        return BEST_METRIC
+    return "keypoints_AP" if model_config.get("keypoint_on") else "bbox_AP"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -98,6 +108,38 @@ def read_categories(workdir: str, config: ml_collections.ConfigDict) -> Category
         return numbered_categories(config.model.num_classes - 1)
 
 
+def write_keypoint_schema(workdir: str, schema: KeypointSchema) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, KEYPOINTS_FILE), "w") as f:
+        json.dump(schema.to_json(), f, indent=2)
+
+
+def numbered_keypoints(count: int) -> KeypointSchema:
+    """Keypoint types named keypoint_1.. (when a model's keypoint names are unknown)."""
+    return KeypointSchema(tuple(f"keypoint_{k}" for k in range(1, count + 1)))
+
+
+def read_keypoint_schema(workdir: str, config: ml_collections.ConfigDict) -> KeypointSchema | None:
+    """A keypoint model's WORKDIR/keypoints.json; else the built dataset's schema; else numbered keypoints
+    (logged). None for a model without keypoints."""
+    if not config.model.get("keypoint_on"):
+        return None
+    path = os.path.join(workdir, KEYPOINTS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return KeypointSchema.from_json(json.load(f))
+    try:
+        from maskrcnn_jax.data import coco_dataset
+
+        schema = coco_dataset.load_keypoint_schema(coco_dataset.get_builder(config.data))
+        if schema is not None:
+            return schema
+    except Exception as e:  # no dataset here: the keypoint names are unknown
+        logging.warning("no %s in %s and no built dataset (%s): naming keypoints by number", KEYPOINTS_FILE,
+                        workdir, e)
+    return numbered_keypoints(config.model.keypoint_head.num_keypoints)
+
+
 def append_eval_metrics(workdir: str, step: int, metrics: Mapping[str, float]) -> None:
     with open(os.path.join(workdir, METRICS_FILE), "a") as f:
         f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
@@ -112,10 +154,10 @@ def read_eval_metrics(workdir: str) -> list[dict[str, float]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def best_step(workdir: str, available: Iterable[int], latest: int) -> int:
-    """The available checkpoint with the best BEST_METRIC in eval_metrics.jsonl, else `latest`."""
+def best_step(workdir: str, available: Iterable[int], latest: int, metric: str = BEST_METRIC) -> int:
+    """The available checkpoint with the best `metric` in eval_metrics.jsonl, else `latest`."""
     available = set(available)
-    evaluated = [m for m in read_eval_metrics(workdir) if m["step"] in available and BEST_METRIC in m]
+    evaluated = [m for m in read_eval_metrics(workdir) if m["step"] in available and metric in m]
     if evaluated:
-        return int(max(evaluated, key=lambda m: m[BEST_METRIC])["step"])
+        return int(max(evaluated, key=lambda m: m[metric])["step"])
     return int(latest)

@@ -1,5 +1,5 @@
 """pycocotools wrappers and result encoding: one image's detections -> COCO results (original pixels, the dataset's
-category ids, RLE masks), and COCOeval's numbers (bbox and segm) with a per-class AP table."""
+category ids, RLE masks, keypoints), and COCOeval's numbers (bbox, segm, keypoints) with a per-class AP table."""
 
 from __future__ import annotations
 
@@ -20,6 +20,35 @@ IOU_TYPES = ("bbox", "segm")
 # COCOeval.summarize()'s twelve stats, in order. AR100 names COCOeval's third maxDets, whatever its value.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 METRIC_KEYS = tuple(f"{kind}_{name}" for kind in IOU_TYPES for name in STAT_NAMES)
+# COCOeval's ten keypoint stats (OKS instead of IoU, 20 detections per image, no small objects).
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+# COCO's 17 person keypoints' OKS sigmas, pycocotools' default.
+COCO_OKS_SIGMAS = (0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
+                   0.087, 0.089, 0.089)
+
+
+def iou_types(model_config) -> tuple[str, ...]:
+    """What a model is scored on: boxes, and masks and keypoints when it predicts them."""
+    return ("bbox",) + (("segm",) if model_config.mask_on else ()) + (("keypoints",) if model_config.keypoint_on
+                                                                       else ())
+
+
+def metric_keys(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The eval_metrics.jsonl keys of these iou types: bbox_AP, ..., keypoints_ARl."""
+    return tuple(f"{kind}_{name}" for kind in kinds
+                 for name in (KEYPOINT_STAT_NAMES if kind == "keypoints" else STAT_NAMES))
+
+
+def oks_sigmas(configured: Sequence[float], dataset_sigmas: Sequence[float] | None, num_keypoints: int
+               ) -> tuple[float, ...]:
+    """The OKS sigmas COCOeval uses: the config's (eval.kpt_oks_sigmas), else the dataset's, else COCO's 17 when
+    there are 17 keypoints; otherwise there is no meaningful default and it is an error."""
+    sigmas = tuple(configured) or tuple(dataset_sigmas or ()) or (COCO_OKS_SIGMAS if num_keypoints == 17 else ())
+    if len(sigmas) != num_keypoints:
+        raise ValueError(f"keypoint evaluation needs {num_keypoints} OKS sigmas, one per keypoint type, got "
+                         f"{len(sigmas)}: set eval.kpt_oks_sigmas, or give them in the dataset's category as "
+                         "kpt_oks_sigmas (COCO's 17 are the default only for 17 keypoints)")
+    return sigmas
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -44,16 +73,22 @@ def load_results(coco_gt: COCO, results: Sequence[Mapping[str, Any]]) -> COCO:
 
 
 def run_cocoeval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str,
-                 image_ids: Iterable[int] | None = None, max_dets: int = 100) -> COCOeval:
-    """COCOeval of `results` (COCO result dicts) for iou_type 'bbox' or 'segm', restricted to `image_ids`,
-    with maxDets (1, 10, max_dets). Returns the evaluator after evaluate and accumulate."""
+                 image_ids: Iterable[int] | None = None, max_dets: int = 100,
+                 sigmas: Sequence[float] | None = None) -> COCOeval:
+    """COCOeval of `results` (COCO result dicts) for iou_type 'bbox', 'segm' (maxDets 1, 10, max_dets) or
+    'keypoints' (COCOeval's 20 detections per image, OKS with `sigmas`), restricted to `image_ids`. Returns the
+    evaluator after evaluate and accumulate."""
     if max_dets < 10:
         raise ValueError(f"max_dets must be at least 10 (COCOeval sorts maxDets (1, 10, max_dets)), got {max_dets}")
-    coco_dt = load_results(coco_gt, [r for r in results if iou_type != "segm" or "segmentation" in r])
+    needed = {"segm": "segmentation", "keypoints": "keypoints"}.get(iou_type)
+    coco_dt = load_results(coco_gt, [r for r in results if needed is None or needed in r])
     evaluator = COCOeval(coco_gt, coco_dt, iou_type)
     if image_ids is not None:
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
-    evaluator.params.maxDets = [1, 10, int(max_dets)]
+    if iou_type == "keypoints":
+        evaluator.params.kpt_oks_sigmas = np.asarray(sigmas if sigmas is not None else COCO_OKS_SIGMAS)
+    else:
+        evaluator.params.maxDets = [1, 10, int(max_dets)]
     quiet(evaluator.evaluate)
     quiet(evaluator.accumulate)
     return evaluator
@@ -98,14 +133,19 @@ def per_class_ap(evaluator: COCOeval) -> dict[int, float]:
 
 
 def coco_metrics(coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Iterable[int] | None = None,
-                 max_dets: int = 100, iou_types: Sequence[str] = IOU_TYPES
+                 max_dets: int = 100, iou_types: Sequence[str] = IOU_TYPES, sigmas: Sequence[float] | None = None
                  ) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-    """({'bbox_AP': ..., 'segm_ARl': ...}, {iou_type: {category_id: AP}}) as pycocotools computes them."""
+    """({'bbox_AP': ..., 'segm_ARl': ..., 'keypoints_AP': ...}, {iou_type: {category_id: AP}}) as pycocotools
+    computes them (keypoints: COCOeval.summarize's ten stats, KEYPOINT_STAT_NAMES)."""
     image_ids = None if image_ids is None else list(image_ids)
     metrics, per_class = {}, {}
     for iou_type in iou_types:
-        evaluator = run_cocoeval(coco_gt, results, iou_type, image_ids, max_dets)
-        metrics.update({f"{iou_type}_{name}": float(v) for name, v in zip(STAT_NAMES, summarize(evaluator))})
+        evaluator = run_cocoeval(coco_gt, results, iou_type, image_ids, max_dets, sigmas)
+        if iou_type == "keypoints":
+            quiet(evaluator.summarize)
+            metrics.update({f"keypoints_{n}": float(v) for n, v in zip(KEYPOINT_STAT_NAMES, evaluator.stats)})
+        else:
+            metrics.update({f"{iou_type}_{name}": float(v) for name, v in zip(STAT_NAMES, summarize(evaluator))})
         per_class[iou_type] = per_class_ap(evaluator)
     return metrics, per_class
 
@@ -135,30 +175,31 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     return rles
 
 
-def coco_result(image_id: int, category_id: int, box, score: float, rle: dict | None = None) -> dict[str, Any]:
-    """One COCO results entry: an xyxy box becomes COCO's xywh; the RLE, when given, its segmentation."""
+def coco_result(image_id: int, category_id: int, box, score: float, rle: dict | None = None,
+                keypoints=None) -> dict[str, Any]:
+    """One COCO results entry: an xyxy box becomes COCO's xywh; the RLE, when given, its segmentation; keypoints
+    [K, 3] (x, y, score), when given, the flat `keypoints` list."""
     x1, y1, x2, y2 = (float(v) for v in box)
     result = {"image_id": int(image_id), "category_id": int(category_id), "bbox": [x1, y1, x2 - x1, y2 - y1],
               "score": float(score)}
     if rle is not None:
         result["segmentation"] = rle
+    if keypoints is not None:
+        result["keypoints"] = [float(v) for v in np.asarray(keypoints).reshape(-1)]
     return result
 
 
 def detections_to_results(predictions: Mapping[str, np.ndarray], image_id: int, image_size, original_size,
-                          categories: CategoryMap, mask_threshold: float = 0.5, mask_paste: str = "detectron2"
-                          ) -> tuple[list[dict], dict]:
-    """One image's fixed-size predictions (boxes [D, 4] canvas, scores, classes 1..K, masks [D, 28, 28],
-    valid [D]) -> (COCO result dicts, {'boxes', 'scores', 'labels', 'masks'} in original pixels). The boxes are
-    mapped and the masks pasted exactly as the Predictor does (serving.host)."""
-    valid = np.asarray(predictions["valid"], bool)
-    height, width = int(original_size[0]), int(original_size[1])
-    boxes = host.boxes_to_original(np.asarray(predictions["boxes"])[valid], image_size, original_size)
-    scores = np.asarray(predictions["scores"], np.float32)[valid]
-    labels = np.asarray(predictions["classes"], np.int64)[valid]
-    category_ids = categories.label_to_category_id_array()[labels]
-    masks = host.paste_masks(np.asarray(predictions["masks"])[valid], boxes, height, width, mask_threshold,
-                             mask_paste)
-    results = [coco_result(image_id, category_id, box, score, rle)
-               for box, score, category_id, rle in zip(boxes, scores, category_ids, encode_masks(masks))]
-    return results, {"boxes": boxes, "scores": scores, "labels": labels, "masks": masks}
+                          spec: host.InferenceSpec) -> tuple[list[dict], dict]:
+    """One image's fixed-size predictions (MaskRCNN.predict's outputs for it) -> (COCO result dicts, the
+    detections in original pixels: {'boxes', 'scores', 'labels' (category ids), 'names', 'masks', 'keypoints'}).
+    Exactly the Predictor's results (serving.host.image_results with `spec`), with no score threshold."""
+    prepared = host.PreparedImage(None, tuple(int(v) for v in image_size), tuple(int(v) for v in original_size))
+    detections = host.image_results(predictions, prepared, spec, score_threshold=-np.inf)
+    count = len(detections["scores"])
+    rles = encode_masks(detections["masks"]) if "masks" in detections else [None] * count
+    keypoints = detections.get("keypoints", [None] * count)
+    results = [coco_result(image_id, category_id, box, score, rle, points)
+               for box, score, category_id, rle, points in zip(detections["boxes"], detections["scores"],
+                                                                detections["labels"], rles, keypoints)]
+    return results, detections

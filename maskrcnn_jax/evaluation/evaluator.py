@@ -9,7 +9,8 @@ eval_plan); the predict function then compiles once per canvas. Each image is re
 pasted exactly as the Predictor does it (serving.host), so the metrics are those of the Predictor's results. Into the workdir go
     eval/step_XXXXXXXX_results.json     the COCO results JSON (bbox and segmentation per detection)
     eval/step_XXXXXXXX_per_class.txt    a per-class AP table (AP@[.5:.95], all areas, maxDets = eval.max_dets)
-    eval_metrics.jsonl                  one appended line: {"step", "bbox_AP", ..., "segm_ARl"} (coco.METRIC_KEYS)
+    eval_metrics.jsonl                  one appended line: {"step", "bbox_AP", ..., "segm_ARl", "keypoints_AP", ...}
+                                        (coco.metric_keys of what the model predicts)
 and, with eval.num_overlays > 0, overlay PNGs of the first validation images in overlays/step_XXXXXXXX/.
 """
 
@@ -27,10 +28,12 @@ from pycocotools.coco import COCO
 
 from maskrcnn_jax.data import pipeline
 from maskrcnn_jax.data.coco_format import CategoryMap
+from maskrcnn_jax.data.keypoints import KeypointSchema
 from maskrcnn_jax.data.transforms import InputOptions
 from maskrcnn_jax.engine import parallel, workdir as workdir_lib
 from maskrcnn_jax.evaluation import coco
 from maskrcnn_jax.serving import visualize
+from maskrcnn_jax.serving.predictor import spec_from_config
 
 # The fields of an evaluation batch that a predict function reads.
 PREDICT_INPUTS = ("image", "image_size")
@@ -53,13 +56,24 @@ class CocoEvaluator:
     """Scores a predict function on the eval split with COCOeval (see the module doc)."""
 
     def __init__(self, config: ml_collections.ConfigDict, builder, sources: Mapping[str, Any],
-                 categories: CategoryMap, workdir: str):
+                 categories: CategoryMap, workdir: str, keypoint_schema: KeypointSchema | None = None):
         self.config = config
         self.builder = builder
         self.sources = dict(sources)
         self.categories = categories
         self.workdir = workdir
         self.options = InputOptions.from_config(config.data)
+        self.iou_types = coco.iou_types(config.model)
+        self.metric_keys = coco.metric_keys(self.iou_types)
+        self.sigmas = None
+        if config.model.keypoint_on:
+            if keypoint_schema is None:
+                raise ValueError("a keypoint model's evaluation needs the dataset's keypoint schema")
+            self.sigmas = coco.oks_sigmas(config.eval.kpt_oks_sigmas, keypoint_schema.oks_sigmas,
+                                          keypoint_schema.num_keypoints)
+        self.keypoint_schema = keypoint_schema
+        # The Predictor's own host side: detections are mapped, pasted and decoded exactly as it does.
+        self.spec = spec_from_config(config, categories, 1, keypoint_schema)
         self._coco_gt = None
 
     def coco_gt(self) -> COCO:
@@ -82,30 +96,32 @@ class CocoEvaluator:
                         "original_size": local["original_size"][i]})
 
     def evaluate(self, predict_fn: PredictFn, step: int) -> dict[str, float]:
-        """Predicts, scores, writes the files (process 0) and returns {coco.METRIC_KEYS: value} on every process."""
+        """Predicts, scores, writes the files (process 0) and returns {metric key: value} on every process: the
+        COCO stats of boxes, and of masks and keypoints as the model predicts them (coco.metric_keys)."""
         c = self.config.eval
         results, image_ids, overlays = [], [], []
         for prediction, meta in self.local_predictions(predict_fn):
             image_results, detections = coco.detections_to_results(
-                prediction, meta["image_id"], meta["image_size"], meta["original_size"], self.categories,
-                c.mask_threshold, c.mask_paste)
+                prediction, meta["image_id"], meta["image_size"], meta["original_size"], self.spec)
             results.extend(image_results)
             image_ids.append(meta["image_id"])
             if len(overlays) < c.num_overlays:
                 overlays.append((meta["image_id"], detections))
         gathered = parallel.gather_to_all({"results": results, "image_ids": image_ids})
-        metrics = np.zeros(len(coco.METRIC_KEYS), np.float64)
+        metrics = np.zeros(len(self.metric_keys), np.float64)
         if jax.process_index() == 0:
             results = [r for part in gathered for r in part["results"]]
             image_ids = [i for part in gathered for i in part["image_ids"]]
-            values, per_class = coco.coco_metrics(self.coco_gt(), results, image_ids, c.max_dets)
-            metrics = np.asarray([values[k] for k in coco.METRIC_KEYS], np.float64)
+            values, per_class = coco.coco_metrics(self.coco_gt(), results, image_ids, c.max_dets, self.iou_types,
+                                                  self.sigmas)
+            metrics = np.asarray([values[k] for k in self.metric_keys], np.float64)
             self._write(step, results, values, per_class, overlays)
-            logging.info("evaluation at step %d on %d images: box AP %.4f, mask AP %.4f", step, len(image_ids),
-                         values["bbox_AP"], values["segm_AP"])
+            summary = ", ".join(f"{ {'bbox': 'box', 'segm': 'mask', 'keypoints': 'keypoint'}[kind] } AP "
+                                f"{values[kind + '_AP']:.4f}" for kind in self.iou_types)
+            logging.info("evaluation at step %d on %d images: %s", step, len(image_ids), summary)
         if jax.process_count() > 1:
             metrics = np.asarray(multihost_utils.broadcast_one_to_all(metrics))
-        return {k: float(v) for k, v in zip(coco.METRIC_KEYS, metrics)}
+        return {k: float(v) for k, v in zip(self.metric_keys, metrics)}
 
     def _write(self, step, results, metrics, per_class, overlays):
         with open(workdir_lib.eval_file(self.workdir, step, "results.json"), "w") as f:
@@ -114,12 +130,12 @@ class CocoEvaluator:
         with open(workdir_lib.eval_file(self.workdir, step, "per_class.txt"), "w") as f:
             f.write(table)
         logging.info("per-class AP at step %d:\n%s", step, table)
-        workdir_lib.append_eval_metrics(self.workdir, step, {k: metrics[k] for k in coco.METRIC_KEYS})
+        workdir_lib.append_eval_metrics(self.workdir, step, {k: metrics[k] for k in self.metric_keys})
         if overlays:
             out_dir = workdir_lib.overlay_dir(self.workdir, step)
             visualize.write_overlays(out_dir, overlays, self.coco_gt(),
-                                     self.sources.get("val_images") or self._built_images_dir(), self.categories,
-                                     self.config.eval.overlay_score_threshold)
+                                     self.sources.get("val_images") or self._built_images_dir(),
+                                     self.config.eval.overlay_score_threshold, self.spec.keypoint_skeleton)
             logging.info("wrote %d overlay pictures to %s", len(overlays), out_dir)
 
     def _built_images_dir(self) -> str:

@@ -1,12 +1,12 @@
 """Runs a model exported by `python -m maskrcnn_jax.export` with JAX and NumPy alone: no modeling code, no config.
 
     model = ExportedModel("exported_dir")
-    result = model(image)      # the same dict as inference.Predictor: boxes, scores, labels, names, masks
+    result = model(image)      # the same dict as the Predictor: boxes, scores, labels, names, masks, keypoints
 
 An export directory holds model_<H>x<W>.stablehlo per canvas (jax.export's serialized StableHLO of the network on
 that canvas, taking the weights as its first argument), weights.npz (the weights, once) and inference.json (canvas
-rule, resize, normalisation, mask threshold, batch size and label map). This file, serving/host.py and
-data/image_resize.py are all a server needs.
+rule, resize, normalisation, mask threshold, batch size, label map and keypoint names). This file, serving/host.py,
+serving/keypoints.py and data/image_resize.py are all a server needs.
 
 Each image runs on the canvas the spec gives it (host.InferenceSpec.canvas_for), so the results equal the
 Predictor's. An image whose canvas was not exported runs on the smallest exported canvas that holds it (a warning

@@ -24,8 +24,10 @@ import numpy as np
 
 try:
     from maskrcnn_jax.data import image_resize
-except ImportError:  # copied out of the package, next to image_resize.py
+    from maskrcnn_jax.serving import keypoints as keypoint_decoding
+except ImportError:  # copied out of the package, next to image_resize.py and keypoints.py
     import image_resize
+    import keypoints as keypoint_decoding
 # "detectron2": pixel centres read the m x m grid bilinearly in the exact box (ops.paste_masks);
 # "torchvision": the grid, padded by one zero cell, is resized into the grown box rounded to whole pixels.
 MASK_PASTE_RULES = ("detectron2", "torchvision")
@@ -52,6 +54,11 @@ class InferenceSpec:
     size_divisibility: int = 32
     eval_canvas_step: int = 0
     eval_canvas_sides: tuple[int, ...] = ()
+    # A keypoint model's keypoint types (empty otherwise), its skeleton (0-based pairs, for drawing) and how its
+    # heatmaps are decoded (serving/keypoints.py's rules: "torchvision" or "detectron2").
+    keypoint_names: tuple[str, ...] = ()
+    keypoint_skeleton: tuple[tuple[int, int], ...] = ()
+    keypoint_decode: str = "torchvision"
 
     def __post_init__(self):
         if self.eval_canvas not in image_resize.EVAL_CANVASES:
@@ -72,9 +79,12 @@ class InferenceSpec:
     @classmethod
     def from_json(cls, text: str) -> "InferenceSpec":
         values = json.loads(text)
-        for key in ("canvas_size", "pixel_mean", "pixel_std", "category_ids", "names", "eval_canvas_sides"):
+        for key in ("canvas_size", "pixel_mean", "pixel_std", "category_ids", "names", "eval_canvas_sides",
+                    "keypoint_names"):
             if key in values:
                 values[key] = tuple(values[key])
+        if "keypoint_skeleton" in values:
+            values["keypoint_skeleton"] = tuple(tuple(pair) for pair in values["keypoint_skeleton"])
         return cls(**values)
 
     def canvas_for(self, image_size: Sequence[int]) -> tuple[int, int]:
@@ -238,25 +248,43 @@ def boxes_to_original(boxes: np.ndarray, image_size: Sequence[int], original_siz
     return out
 
 
+def keypoints_to_original(keypoints: np.ndarray, image_size: Sequence[int], original_size: Sequence[int]
+                          ) -> np.ndarray:
+    """Canvas (x, y, score) keypoints [N, K, 3] -> original pixels: x and y times original / resized per axis in
+    float32, as boxes_to_original (and torchvision's resize_keypoints); scores unchanged."""
+    ratio_y = np.float32(original_size[0]) / np.float32(image_size[0])
+    ratio_x = np.float32(original_size[1]) / np.float32(image_size[1])
+    return np.asarray(keypoints, np.float32) * np.asarray([ratio_x, ratio_y, 1], np.float32)
+
+
 def image_results(outputs: Mapping[str, np.ndarray], prepared: PreparedImage, spec: InferenceSpec,
                   score_threshold: float) -> dict[str, Any]:
-    """One image's fixed-size network outputs (boxes [D, 4] on the canvas, scores, classes 1..K, masks [D, m, m],
-    valid [D]) -> {'boxes' [N, 4] original xyxy, 'scores' [N], 'labels' [N] category ids, 'names', 'masks'
-    [N, H, W] bool}, the valid detections scoring at least `score_threshold`, best first."""
+    """One image's fixed-size network outputs (boxes [D, 4] on the canvas, scores, classes 1..K, valid [D], and
+    masks [D, m, m] or keypoint_heatmaps [D, m, m, K] as the model has them) -> {'boxes' [N, 4] original xyxy,
+    'scores' [N], 'labels' [N] category ids, 'names', and 'masks' [N, H, W] bool, 'keypoints' [N, K, 3] (x, y, score
+    in original pixels)}, the valid detections scoring at least `score_threshold`, best first."""
     keep = np.asarray(outputs["valid"], bool) & (np.asarray(outputs["scores"]) >= score_threshold)
     order = np.argsort(-np.asarray(outputs["scores"])[keep], kind="stable")
     classes = np.asarray(outputs["classes"])[keep][order]
-    boxes = boxes_to_original(np.asarray(outputs["boxes"])[keep][order], prepared.image_size, prepared.original_size)
+    canvas_boxes = np.asarray(outputs["boxes"])[keep][order]
+    boxes = boxes_to_original(canvas_boxes, prepared.image_size, prepared.original_size)
     height, width = prepared.original_size
     label_to_id = np.asarray((-1,) + tuple(spec.category_ids), np.int64)
-    return {
+    results = {
         "boxes": boxes,
         "scores": np.asarray(outputs["scores"], np.float32)[keep][order],
         "labels": label_to_id[classes],
         "names": [spec.names[c - 1] for c in classes],
-        "masks": paste_masks(np.asarray(outputs["masks"])[keep][order], boxes, height, width, spec.mask_threshold,
-                             spec.mask_paste),
     }
+    if "masks" in outputs:
+        results["masks"] = paste_masks(np.asarray(outputs["masks"])[keep][order], boxes, height, width,
+                                       spec.mask_threshold, spec.mask_paste)
+    if "keypoint_heatmaps" in outputs:
+        # Decoded in the canvas' pixels, where the heatmaps' boxes are, then scaled like the boxes.
+        heatmaps = np.asarray(outputs["keypoint_heatmaps"])[keep][order]
+        decoded = keypoint_decoding.heatmaps_to_keypoints(heatmaps, canvas_boxes, spec.keypoint_decode)
+        results["keypoints"] = keypoints_to_original(decoded, prepared.image_size, prepared.original_size)
+    return results
 
 
 RunBatch = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from maskrcnn_jax.data.coco_format import CategoryMap
+from maskrcnn_jax.data.keypoints import KeypointSchema
 from maskrcnn_jax.engine import checkpointing, workdir as workdir_lib
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 from maskrcnn_jax.serving import host
@@ -33,15 +34,23 @@ class Predictor(host.ImagePredictor):
     """Images in, detections in original pixels and dataset category ids out (see the module doc)."""
 
     def __init__(self, config: ml_collections.ConfigDict, variables: Mapping[str, Any],
-                 categories: CategoryMap | None = None, batch_size: int = 1):
+                 categories: CategoryMap | None = None, batch_size: int = 1,
+                 keypoint_schema: KeypointSchema | None = None):
         self.config = config
         self.model = build_model(config.model)
         categories = categories or workdir_lib.numbered_categories(config.model.num_classes - 1)
         if categories.num_classes != config.model.num_classes - 1:
             raise ValueError(f"{categories.num_classes} categories for a model of {config.model.num_classes} classes "
                              "(background included)")
+        if config.model.keypoint_on:
+            keypoint_schema = keypoint_schema or workdir_lib.numbered_keypoints(
+                config.model.keypoint_head.num_keypoints)
+            if keypoint_schema.num_keypoints != config.model.keypoint_head.num_keypoints:
+                raise ValueError(f"{keypoint_schema.num_keypoints} keypoint names for a model of "
+                                 f"{config.model.keypoint_head.num_keypoints} keypoints")
         self.categories = categories
-        self.spec = spec_from_config(config, categories, batch_size)
+        self.keypoint_schema = keypoint_schema if config.model.keypoint_on else None
+        self.spec = spec_from_config(config, categories, batch_size, self.keypoint_schema)
         self.variables = jax.device_put({"params": variables["params"],
                                          "batch_stats": variables.get("batch_stats", {})})
         self._network = jax.jit(self.network)
@@ -54,7 +63,8 @@ class Predictor(host.ImagePredictor):
         config = workdir_lib.read_config(workdir)
         variables, step = checkpointing.restore_variables(workdir, config, step)
         logging.info("restored step %d from %s", step, workdir)
-        return cls(config, variables, workdir_lib.read_categories(workdir, config), batch_size)
+        return cls(config, variables, workdir_lib.read_categories(workdir, config), batch_size,
+                   workdir_lib.read_keypoint_schema(workdir, config))
 
     def network(self, variables, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
         """The jitted part: canvases [B, Hc, Wc, 3] and window sizes [B, 2] -> MaskRCNN.predict's fixed-size
@@ -82,9 +92,14 @@ class Predictor(host.ImagePredictor):
         return jax.device_get(network(self.variables, jnp.asarray(canvases), jnp.asarray(image_sizes, jnp.int32)))
 
 
-def spec_from_config(config: ml_collections.ConfigDict, categories: CategoryMap, batch_size: int
-                     ) -> host.InferenceSpec:
+def spec_from_config(config: ml_collections.ConfigDict, categories: CategoryMap, batch_size: int,
+                     keypoint_schema: KeypointSchema | None = None) -> host.InferenceSpec:
     d = config.data
+    keypoints = {}
+    if keypoint_schema is not None:
+        keypoints = {"keypoint_names": tuple(keypoint_schema.names),
+                     "keypoint_skeleton": tuple(tuple(p) for p in keypoint_schema.skeleton),
+                     "keypoint_decode": config.eval.keypoint_decode}
     return host.InferenceSpec(
         canvas_size=tuple(int(v) for v in d.canvas_size),
         short_side=d.get("short_side"),
@@ -101,4 +116,5 @@ def spec_from_config(config: ml_collections.ConfigDict, categories: CategoryMap,
         size_divisibility=int(d.get("size_divisibility") or 32),
         eval_canvas_step=int(d.get("eval_canvas_step") or 0),
         eval_canvas_sides=tuple(int(v) for v in (d.get("eval_canvas_sides") or ())),
+        **keypoints,
     )
