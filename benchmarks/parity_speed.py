@@ -20,7 +20,6 @@ scores near 1), so both sides do the full amount of work.
 """
 
 import argparse
-import importlib.util
 import pathlib
 import statistics
 import subprocess
@@ -37,12 +36,12 @@ BUCKET_SIDES = (800, 1088, 1344)
 
 
 def load_test_module():
-    """The parity test's photographs, randomisation and comparison, so both measure the very same model and input."""
-    path = REPO / "tests" / "test_convert_torchvision.py"
-    spec = importlib.util.spec_from_file_location("test_convert_torchvision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The parity tests' photographs, randomisation and comparison (tests/torchvision_reference.py), so both measure
+    the very same model and input."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import torchvision_reference
+
+    return torchvision_reference
 
 
 def mixed_stream(photos, count, seed=0):
