@@ -196,6 +196,9 @@ def run_ours_inference(config_file, repeats):
 
 def backbones(repeats, rounds):
     """--backbones: each Table 2a config in its own process, alternating over the rounds; a new RESULTS.md section."""
+    # The commit measured: the one checked out when the run starts (others may land while it runs).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     results = {label: [] for label in BACKBONE_CONFIGS}
     for round_index in range(rounds):
         for label, config_file in BACKBONE_CONFIGS.items():
@@ -226,9 +229,6 @@ def backbones(repeats, rounds):
             f"| {last['detections']} | {median(label):.2f} | {median(label) / median('R50-FPN'):.2f} "
             f"| {cpu(label):.1f} | {cpu(label) / cpu('R50-FPN'):.2f} | {last['predict_compile_s']:.1f} "
             f"| {max(r['peak_rss_mb'] for r in results[label]):.0f} |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-
     def per_round(label, key):
         return ", ".join(f"{statistics.median(r[key]) if isinstance(r[key], list) else r[key]:.2f}"
                          for r in results[label])

@@ -14,13 +14,13 @@ from maskrcnn_jax.modeling.heads import GlobalPoolBoxHead
 from maskrcnn_jax.modeling.mask_rcnn import build_model, mask_size
 from maskrcnn_jax.modeling.rpn import anchors_per_location, level_anchors
 
-from test_mask_rcnn import CANVAS, make_example, split, stack, tiny_config
+from tiny_model import CANVAS, make_example, split, stack, tiny_config
 
 STRIDES = {"c4": 16, "c5": 32}
 
 
 def tiny_single_level_config(kind):
-    """test_mask_rcnn's tiny ResNet-18-GN model on one level; one mask-RoI bucket keeps the compile short."""
+    """The tiny ResNet-18-GN model on one level; one mask-RoI bucket keeps the compile short."""
     c = tiny_config()
     c.backbone.kind = kind
     c.anchors.strides = (STRIDES[kind],)
