@@ -8,7 +8,8 @@ schedule, data and input of coco_r50_fpn_1x.py, with the C4 model of detectron2'
   * Mask head on the same 7 x 7 res5 output: a 2 x 2 stride-2 transposed conv to 14 x 14 x 256, then one 14 x 14
     mask per class (the paper's Figure 4, left). Masks are 14 x 14, not 28 x 28.
 
-The backbone (stem to res4, and res5) starts from ImageNet weights, as for R50-FPN.
+The backbone (stem to res4, and res5) starts from ImageNet weights, as for R50-FPN. RoIs per image stay
+detectron2's 512 (the paper sampled 64 per image for C4, 512 for FPN).
 """
 
 import pathlib

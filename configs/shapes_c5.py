@@ -9,7 +9,8 @@ why the paper measured RoIAlign's largest gain here (+7.3 mask AP, +10.5 AP75 on
 Heads: the paper's text on Table 2d says it uses "the same head as in Figure 4 (right), as the res5 head is not
 applicable" (res5 already is the backbone's last stage), i.e. the FPN heads on the one C5 level: two FCs on 7 x 7
 RoI features for boxes, the conv mask head on 14 x 14 RoI features giving 28 x 28 masks (detectron2 likewise runs
-its C5 models with StandardROIHeads). The head sizes are shapes.py's.
+its C5 models with StandardROIHeads). The head sizes are shapes.py's. Measured on the 2-core CPU with 4 images
+per step: about 1.7 s per step, against 0.9 s for shapes.py (the first FC reads 7 x 7 x 512 C5 features).
 """
 
 import pathlib
