@@ -291,6 +291,23 @@ def test_bfloat16_trains_like_float32(rng):
     assert bfloat16[-5:].mean() <= 1.25 * float32[-5:].mean()
 
 
+def test_roi_pooling_gathers_in_float32_under_bfloat16(rng):
+    """As torch's autocast runs roi_align in float32: the pyramid RoI pooling reads is float32 whatever the compute
+    dtype, and the pooled features reach the heads in the compute dtype."""
+    config = tiny_config()
+    config.dtype = "bfloat16"
+    model = build_model(config)
+    levels = [jnp.asarray(rng.normal(size=(1, 32 // 2 ** i, 32 // 2 ** i, 8)), jnp.bfloat16) for i in range(5)]
+    boxes = jnp.asarray([[[2.0, 3.0, 20.0, 25.0]]])
+
+    def pooled(module):
+        pyramid = module._pooled_levels(levels)
+        return pyramid.flat.dtype, module._pool(pyramid, boxes, 7).dtype
+
+    flat_dtype, pooled_dtype = model.apply({}, method=pooled)
+    assert flat_dtype == jnp.float32 and pooled_dtype == jnp.bfloat16
+
+
 def test_deconv2x2_matches_torch_conv_transpose(rng):
     torch = pytest.importorskip("torch")
     from maskrcnn_jax.layers.deconv import Deconv2x2
