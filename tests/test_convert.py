@@ -375,6 +375,23 @@ def test_detectron2_c4_zoo_pickle_maps_every_key_to_one_variable(rng, tmp_path, 
                                   weights["roi_heads.box_predictor.cls_score.weight"][:-1].T)
 
 
+def test_command_line_recognises_a_detectron2_c4_file(rng, tmp_path):
+    """`python -m maskrcnn_jax.convert --from=detectron2` on a C4 zoo file (roi_heads.res5) without --config takes
+    configs/detectron2_maskrcnn_r50_c4.py."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": random_weights(detectron2_c4_zoo_shapes(50), rng)}, f)
+    workdir = tmp_path / "workdir"
+    subprocess.run([sys.executable, "-m", "maskrcnn_jax.convert", "--from=detectron2", str(path), f"--out={workdir}"],
+                   check=True, cwd=tmp_path)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["backbone"]["kind"] == "c4" and saved["model"]["roi_heads"]["pool_strides"] == [16]
+
+
 def test_imagenet_backbones_for_c4_put_the_fifth_stage_at_res5(rng):
     """An ImageNet ResNet-50 (torchvision's, or MSRA's Caffe2 R-50.pkl) imported for a C4 model: its stem to layer3
     are the body, its layer4 is res5; merged, they fill the C4 model's backbone and res5, nothing else."""

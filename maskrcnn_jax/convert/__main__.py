@@ -44,25 +44,28 @@ def main(argv):
         state_dict = load_torch_file(path)
         keypoints = is_keypoint_state_dict(state_dict)
         config = FLAGS.config or default_config("torchvision_keypoints" if keypoints else "torchvision")
-        imported = from_torchvision(state_dict, norm=config.model.backbone.norm)
+        imported = from_torchvision(state_dict, norm=config.model.backbone.norm,
+                                    backbone_kind=config.model.backbone.kind)
         if FLAGS.class_slots == "coco80":
             imported = keep_class_slots(imported, (0, *COCO_CATEGORY_IDS))
             config.model.num_classes = 1 + len(COCO_CATEGORY_IDS)
     else:
         if FLAGS.class_slots != "all":
             raise app.UsageError("--class_slots applies to torchvision checkpoints only")
-        config = FLAGS.config or default_config(source)
-        imported = from_detectron2(load_detectron2_pickle(path), norm=config.model.backbone.norm,
-                                   input_order=FLAGS.input_order)
+        weights = load_detectron2_pickle(path)
+        c4 = any(key.startswith("roi_heads.res5.") for key in weights)
+        config = FLAGS.config or default_config("detectron2_c4" if c4 else "detectron2")
+        imported = from_detectron2(weights, norm=config.model.backbone.norm, input_order=FLAGS.input_order,
+                                   backbone_kind=config.model.backbone.kind)
     directory = write_checkpoint(FLAGS.out, config, imported)
     categories = coco_category_map(config.model.num_classes)
     if categories is not None:
         write_categories(FLAGS.out, categories)
-    if config.model.keypoint_on and config.model.keypoint_head.num_keypoints == 17:
-        write_keypoint_schema(FLAGS.out, COCO_PERSON_KEYPOINTS)
     else:
         logging.warning("%d classes is not a COCO layout: no categories.json written; prediction takes the names "
                         "from the config's dataset", config.model.num_classes)
+    if config.model.keypoint_on and config.model.keypoint_head.num_keypoints == 17:
+        write_keypoint_schema(FLAGS.out, COCO_PERSON_KEYPOINTS)
     logging.info("wrote %s (step 0) and %s/config.json", directory, FLAGS.out)
 
 

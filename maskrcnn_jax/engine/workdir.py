@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import ml_collections
 from absl import logging
 
+from maskrcnn_jax import config as config_lib
 from maskrcnn_jax.data.coco_format import CategoryMap
 from maskrcnn_jax.data.keypoints import KeypointSchema
 
@@ -74,11 +75,32 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """WORKDIR/config.json over the base config's defaults, so that a workdir written before a field existed reads
+    with that field's default (which keeps the behaviour it was trained with)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: is {workdir} a training or import workdir?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    config = config_lib.base_config()
+    _overlay(config, saved)
+    return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: Mapping) -> None:
+    """Writes `saved` (JSON: lists where the config has tuples) into `config`, section by section."""
+    for key, value in saved.items():
+        current = config.get(key) if key in config else None
+        if isinstance(value, Mapping) and isinstance(current, ml_collections.ConfigDict):
+            _overlay(current, value)
+        elif isinstance(value, list) and isinstance(current, tuple):
+            config[key] = _as_tuples(value)
+        else:
+            config[key] = value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def write_categories(workdir: str, categories: CategoryMap) -> None:
