@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     evaluation.step = config_dict.placeholder(int)  # train.eval_only: the checkpoint to evaluate; None = latest
     evaluation.max_dets = 100  # COCOeval's third maxDets (AP and AR100 use it), at least 10
     evaluation.mask_threshold = 0.5
-    evaluation.mask_paste = "detectron2"  # or "torchvision": how 28 x 28 masks are pasted into the image
+    evaluation.mask_paste = "detectron2"  # or "torchvision", "matterport" (serving/host.py): how masks are pasted
     # How keypoint heatmaps become keypoints (serving/keypoints.py): "torchvision" (score = the heatmap's logit at
     # the maximum, as its heatmaps_to_keypoints) or "detectron2" (score = the softmax probability there).
     evaluation.keypoint_decode = "torchvision"

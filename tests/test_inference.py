@@ -445,3 +445,37 @@ def test_mask_polygons_trace_the_mask():
     points = np.asarray(polygon).reshape(-1, 2)
     np.testing.assert_allclose(points.min(0), [3, 2], atol=0.5)
     np.testing.assert_allclose(points.max(0), [9, 5], atol=0.5)
+
+
+def test_matterport_paste_rule_equals_the_seed_documents_unmold_mask(rng):
+    """eval.mask_paste="matterport" against the seed document's unmold_mask written with scikit-image itself: the
+    box rounded to whole pixels, skimage.transform.resize(mask, (h, w), order=1, mode="constant", cval=0, clip=True,
+    preserve_range=False, anti_aliasing=False), binarised at 0.5."""
+    transform = pytest.importorskip("skimage.transform")
+    height, width = 70, 90
+    masks = rng.uniform(0, 1, (12, 28, 28)).astype(np.float32)
+    # A grid above 0.5 everywhere: skimage clips the zero-blended border back up to its minimum, so it stays in.
+    masks[3] = rng.uniform(0.6, 0.9, (28, 28))
+    x1, y1 = rng.uniform(-20, 80, 12), rng.uniform(-20, 60, 12)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(0.5, 60, 12), y1 + rng.uniform(0.5, 40, 12)], 1).astype(np.float32)
+    boxes[3] = (10.3, 5.6, 80.2, 63.9)  # larger than the grid, inside the image: its border blends with the zeros
+    ours = inference_io.paste_masks(masks, boxes, height, width, 0.5, rule="matterport")
+
+    def unmold_mask(mask, box):
+        """(the pasted mask, the pixels whose value is not an exact 0.5 tie that float32 and float64 may split)."""
+        x1, y1, x2, y2 = np.round(box).astype(int)
+        expected, known = np.zeros((height, width), bool), np.ones((height, width), bool)
+        top, left, bottom, right = max(y1, 0), max(x1, 0), min(y2, height), min(x2, width)
+        if y2 <= y1 or x2 <= x1 or top >= bottom or left >= right:
+            return expected, known
+        resized = transform.resize(mask, (y2 - y1, x2 - x1), order=1, mode="constant", cval=0, clip=True,
+                                   preserve_range=False, anti_aliasing=False)
+        window = (slice(top - y1, bottom - y1), slice(left - x1, right - x1))
+        expected[top:bottom, left:right] = (resized >= 0.5)[window]
+        known[top:bottom, left:right] = (np.abs(resized - 0.5) > 1e-5)[window]
+        return expected, known
+
+    for mask, box, got in zip(masks, boxes, ours):
+        expected, known = unmold_mask(mask, box)
+        np.testing.assert_array_equal(got[known], expected[known])
+    assert ours.sum() > 1000 and ours[3][6:64, 10:80].all()  # border rows included, as skimage's clip keeps them

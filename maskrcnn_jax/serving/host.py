@@ -30,7 +30,9 @@ except ImportError:  # copied out of the package, next to image_resize.py and ke
     import keypoints as keypoint_decoding
 # "detectron2": pixel centres read the m x m grid bilinearly in the exact box (ops.paste_masks);
 # "torchvision": the grid, padded by one zero cell, is resized into the grown box rounded to whole pixels.
-MASK_PASTE_RULES = ("detectron2", "torchvision")
+# "matterport": the Mask R-CNN seed document's unmold_mask (Matterport's implementation): the grid resized to the
+# box rounded to whole pixels by scikit-image's bilinear resize (zero outside the grid, clipped to its range).
+MASK_PASTE_RULES = ("detectron2", "torchvision", "matterport")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,15 +220,54 @@ def _paste_torchvision(mask: np.ndarray, box: np.ndarray, height: int, width: in
     return slice(top, bottom), slice(left, right), resized[top - y0:bottom - y0, left - x0:right - x0]
 
 
+def _zero_padded_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of scipy.ndimage.zoom's order-1 resize with grid_mode=True and mode "grid-constant" (what
+    skimage.transform.resize does with mode="constant", cval=0): output pixel o reads the input at
+    (o + 0.5) * in / out - 0.5, bilinearly, with zeros beyond the first and last input cells."""
+    position = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    lower = np.floor(position).astype(np.intp)
+    upper_weight = position - lower
+    weights = np.zeros((out_size, in_size), np.float64)
+    for index, weight in ((lower, 1.0 - upper_weight), (lower + 1, upper_weight)):
+        inside = (index >= 0) & (index < in_size)
+        weights[np.flatnonzero(inside), index[inside]] += weight[inside]
+    return weights
+
+
+def _paste_matterport(mask: np.ndarray, box: np.ndarray, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
+    """The seed document's unmold_mask: the box rounded to whole pixels, the grid resized to it as
+    skimage.transform.resize(mask, (h, w), order=1, mode="constant", cval=0, clip=True, anti_aliasing=False) does,
+    placed there (the part inside the image)."""
+    x0, y0, x1, y1 = (int(v) for v in np.round(np.asarray(box, np.float64)))
+    if y1 <= y0 or x1 <= x0:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32)
+    grid = np.asarray(mask, np.float64)
+    resized = (_zero_padded_bilinear_weights(grid.shape[0], y1 - y0) @ grid
+               @ _zero_padded_bilinear_weights(grid.shape[1], x1 - x0).T)
+    # skimage's clip=True: to the grid's range, widened to the zero padding only when the grid excludes 0 and the
+    # output spans it.
+    low, high = grid.min(), grid.max()
+    if not low <= 0.0 <= high and resized.min() <= 0.0 <= resized.max():
+        low, high = min(low, 0.0), max(high, 0.0)
+    resized = np.clip(resized, low, high)
+    top, bottom, left, right = max(y0, 0), min(y1, height), max(x0, 0), min(x1, width)
+    if top >= bottom or left >= right:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32)
+    return slice(top, bottom), slice(left, right), resized[top - y0:bottom - y0, left - x0:right - x0]
+
+
+PASTE_RULES = {"detectron2": _paste_detectron2, "torchvision": _paste_torchvision, "matterport": _paste_matterport}
+
+
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float,
                 rule: str = "detectron2") -> np.ndarray:
     """[N, m, m] probabilities in xyxy `boxes` [N, 4] (image pixels) -> bool [N, height, width], pasted by `rule`
-    (MASK_PASTE_RULES) and binarised as each library does: detectron2 keeps probabilities >= threshold,
-    torchvision's evaluation those > threshold (saturated masks paste many pixels of exactly 0.5)."""
+    (MASK_PASTE_RULES) and binarised as each library does: detectron2 and the seed document keep probabilities
+    >= threshold, torchvision's evaluation those > threshold (saturated masks paste many pixels of exactly 0.5)."""
     if rule not in MASK_PASTE_RULES:
         raise ValueError(f"mask paste rule must be one of {MASK_PASTE_RULES}, got {rule!r}")
-    paste_one = _paste_detectron2 if rule == "detectron2" else _paste_torchvision
-    binarise = np.greater_equal if rule == "detectron2" else np.greater
+    paste_one = PASTE_RULES[rule]
+    binarise = np.greater if rule == "torchvision" else np.greater_equal
     masks = np.asarray(masks, np.float32)
     out = np.zeros((len(masks), height, width), bool)
     for mask, box, target in zip(masks, np.asarray(boxes, np.float32), out):
