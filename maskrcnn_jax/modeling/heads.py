@@ -65,6 +65,14 @@ class GlobalPoolBoxHead(nn.Module):
         return logits.astype(jnp.float32), deltas.reshape(*deltas.shape[:-1], self.num_classes, 4).astype(jnp.float32)
 
 
+def conv_relu_stack(x, count: int, features: int, name: str, dtype):
+    """`count` x (3x3 conv of `features` channels, ReLU), the convs named {name}1..{name}{count}: the towers of the
+    mask and keypoint heads. Call it from a compact module's __call__, which then owns the convs."""
+    for i in range(count):
+        x = nn.relu(Conv(features, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype, name=f"{name}{i + 1}")(x))
+    return x
+
+
 class FCNMaskHead(nn.Module):
     """The paper's FCN mask head: num_convs x (3x3 conv, 256, ReLU), a 2x2 stride-2 deconv, then a 1x1 conv to one
     mask per class (torchvision MaskRCNNHeads + MaskRCNNPredictor: `mask_fcn1..4`, `conv5_mask`, `mask_fcn_logits`).
@@ -79,11 +87,8 @@ class FCNMaskHead(nn.Module):
     def __call__(self, roi_features):
         """roi_features [..., R, S, S, C] -> mask logits [..., R, 2S, 2S, num_masks] (S = 14 on FPN, 7 on C4)."""
         lead = roi_features.shape[:-3]
-        x = roi_features.reshape(-1, *roi_features.shape[-3:])
-        for i in range(self.num_convs):
-            x = Conv(self.conv_dim, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
-                     name=f"mask_fcn{i + 1}")(x)
-            x = nn.relu(x)
+        x = conv_relu_stack(roi_features.reshape(-1, *roi_features.shape[-3:]), self.num_convs, self.conv_dim,
+                            "mask_fcn", self.dtype)
         x = Deconv2x2(self.conv_dim, kernel_init=conv_init, dtype=self.dtype, name="conv5_mask")(x)
         x = nn.relu(x)
         x = Conv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,

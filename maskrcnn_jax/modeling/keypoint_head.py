@@ -12,11 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.layers.conv import Conv
 from maskrcnn_jax.layers.deconv import ConvTranspose
-
-# torchvision and detectron2 both use He (MSRA) initialisation, fan_out, with zero biases.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from maskrcnn_jax.modeling.heads import conv_init, conv_relu_stack
 
 
 def upsample_bilinear_2x(x):
@@ -36,11 +33,8 @@ class KeypointHead(nn.Module):
     def __call__(self, roi_features):
         """roi_features [..., R, m/4, m/4, C] -> heatmap logits [..., R, m, m, num_keypoints] (float32)."""
         lead = roi_features.shape[:-3]
-        x = roi_features.reshape(-1, *roi_features.shape[-3:])
-        for i in range(self.num_convs):
-            x = Conv(self.conv_dim, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
-                     name=f"conv_fcn{i + 1}")(x)
-            x = nn.relu(x)
+        x = conv_relu_stack(roi_features.reshape(-1, *roi_features.shape[-3:]), self.num_convs, self.conv_dim,
+                            "conv_fcn", self.dtype)
         x = ConvTranspose(self.num_keypoints, 4, 2, 1, kernel_init=conv_init, dtype=self.dtype,
                           name="score_lowres")(x)
         x = upsample_bilinear_2x(x.astype(jnp.float32))
