@@ -1,14 +1,17 @@
-"""Mask R-CNN R50-FPN, ours next to torchvision's maskrcnn_resnet50_fpn: same 800x1344 input, batch 1,
-random weights. Each side runs in its own subprocess so that peak memory is its own, and the sides alternate over
-a few rounds so that load from elsewhere on a shared machine does not fall on one side only.
+"""R50-FPN Mask R-CNN or Keypoint R-CNN, ours next to torchvision's maskrcnn_resnet50_fpn or keypointrcnn_resnet50_fpn
+with the same weights: torchvision's seeded random initialisation, converted into ours by maskrcnn_jax.convert. Same
+800x1344 input, batch 1. Each side runs in its own subprocess so that peak memory is its own, and the sides alternate
+over a few rounds so that load from elsewhere on a shared machine does not fall on one side only.
 
-    .venv/bin/python benchmarks/model.py            # prints a table and rewrites its section of RESULTS.md
+    .venv/bin/python benchmarks/model.py            # Mask R-CNN: prints a table and rewrites its section of RESULTS.md
+    .venv/bin/python benchmarks/model.py --model=keypointrcnn --repeats=2 --rounds=2
+                                                    # Keypoint R-CNN: the same, in its own section
     .venv/bin/python benchmarks/model.py --backbones --repeats=2 --rounds=1
                                                     # ours only: inference of the paper's Table 2a backbones
 
-Both sides use torchvision's inference settings (RoIAlign aligned=False, RPN 1000/1000 at test and
-2000/2000 in training) and a score threshold of 0, so that random weights still give 100 detections and
-both mask heads do full work.
+Ours runs the config file of torchvision's model (MODELS: RoIAlign aligned=False, RPN 1000/1000 at test and
+2000/2000 in training, ...). On both sides every backbone stage trains, and the score threshold is 0, so that random
+weights still give many detections and the mask or keypoint head does full work.
 
 --backbones times our inference of the Table 2a config files (BACKBONE_CONFIGS: R50-FPN, R50-C4, R101-C4 as
 detectron2 builds them, 1000 proposals at test), on the same input with a score threshold of 0, and writes its own
@@ -24,11 +27,30 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from typing import NamedTuple
 
 HEIGHT, WIDTH = 800, 1344
 NUM_INSTANCES = 5
+NUM_KEYPOINTS = 17
+TOP_BOXES = 10  # the top detections whose boxes the two sides compare
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class Model(NamedTuple):
+    title: str
+    torchvision_class: str  # in torchvision.models.detection
+    num_classes: int
+    config_file: str  # ours: the config of torchvision's model
+    section: str  # of RESULTS.md
+
+
+MODELS = {
+    "maskrcnn": Model("R50-FPN Mask R-CNN", "MaskRCNN", 91, "configs/torchvision_maskrcnn_r50_fpn.py", "model"),
+    "keypointrcnn": Model("R50-FPN Keypoint R-CNN", "KeypointRCNN", 2, "configs/torchvision_keypointrcnn_r50_fpn.py",
+                          "model_keypointrcnn"),
+}
 # label -> config file of the paper's Table 2a rows that --backbones times
 BACKBONE_CONFIGS = {
     "R50-FPN": "configs/coco_r50_fpn_1x.py",
@@ -37,17 +59,26 @@ BACKBONE_CONFIGS = {
 }
 
 
-def ground_truth(rng):
+def test_inputs(model_name):
+    """The image (H x W x 3, RGB in [0, 1], as torchvision's model takes it) and NUM_INSTANCES ground-truth instances
+    in torchvision's target format: boxes and labels, with box-filling masks for Mask R-CNN, or people (label 1) with
+    NUM_KEYPOINTS visible keypoints inside their boxes for Keypoint R-CNN."""
     import numpy as np
 
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (HEIGHT, WIDTH, 3)).astype(np.float32)
     xy = rng.uniform(0, [WIDTH - 300, HEIGHT - 300], (NUM_INSTANCES, 2))
     wh = rng.uniform(60, 300, (NUM_INSTANCES, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
-    labels = rng.integers(1, 91, NUM_INSTANCES)
+    if model_name == "keypointrcnn":
+        points = xy[:, None] + wh[:, None] * rng.uniform(0, 1, (NUM_INSTANCES, NUM_KEYPOINTS, 2))
+        visibility = np.full((NUM_INSTANCES, NUM_KEYPOINTS, 1), 2.0)
+        keypoints = np.concatenate([points, visibility], axis=-1).astype(np.float32)
+        return image, {"boxes": boxes, "labels": np.ones(NUM_INSTANCES, np.int64), "keypoints": keypoints}
     masks = np.zeros((NUM_INSTANCES, HEIGHT, WIDTH), np.uint8)
     for mask, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
         mask[y1:y2, x1:x2] = 1
-    return boxes, labels, masks
+    return image, {"boxes": boxes, "labels": rng.integers(1, 91, NUM_INSTANCES), "masks": masks}
 
 
 def peak_rss_mb():
@@ -64,34 +95,82 @@ def timed(fn, repeats):
     return times
 
 
-def run_ours(repeats):
+def our_config(model_name):
+    """Our config of torchvision's model, with every backbone stage trainable and a score threshold of 0, as on
+    torchvision's side."""
+    from maskrcnn_jax import config as config_lib
+
+    config = config_lib.load(ROOT / MODELS[model_name].config_file)
+    config.model.backbone.freeze_at = 0
+    config.model.detection.score_threshold = 0.0
+    return config
+
+
+def torchvision_model(model_name):
+    """torchvision's model with seeded random weights: the structure of maskrcnn_resnet50_fpn or
+    keypointrcnn_resnet50_fpn with the FrozenBatchNorm they use for pretrained weights (their weights=None build
+    switches to BatchNorm2d), every stage trainable, and min/max size equal to the input, so that its transform does
+    not resize it."""
+    import torch
+    from torchvision.models import detection
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5
+    )
+    spec = MODELS[model_name]
+    return getattr(detection, spec.torchvision_class)(
+        backbone, num_classes=spec.num_classes, min_size=HEIGHT, max_size=WIDTH, box_score_thresh=0.0
+    )
+
+
+def write_shared_weights(model_name, weights_dir):
+    """torchvision's weights (torchvision.pth) and the same weights converted into ours (ours.npz) in `weights_dir`."""
+    import flax
+    import numpy as np
+    import torch
+
+    from maskrcnn_jax.convert import from_torchvision
+
+    state_dict = torchvision_model(model_name).state_dict()
+    torch.save(state_dict, weights_dir / "torchvision.pth")
+    np.savez(weights_dir / "ours.npz", **flax.traverse_util.flatten_dict(from_torchvision(state_dict), sep="/"))
+
+
+def run_ours(model_name, weights_dir, repeats):
+    import flax
     import jax
     import numpy as np
     import optax
 
     from maskrcnn_jax import ops
-    from maskrcnn_jax.modeling import build_model, model_config
+    from maskrcnn_jax.modeling import build_model
+    from maskrcnn_jax.serving.keypoints import heatmaps_to_keypoints
 
-    config = model_config()
-    config.backbone.freeze_at = 0
-    config.roi_heads.aligned = False
-    config.rpn.post_nms_topk_train = 2000
-    config.detection.score_threshold = 0.0
-    model = build_model(config)
-    rng = np.random.default_rng(0)
-    image = rng.standard_normal((1, HEIGHT, WIDTH, 3)).astype(np.float32)
+    config = our_config(model_name)
+    model = build_model(config.model)
+    pixels, instances = test_inputs(model_name)
+    # torchvision's normalisation, which its model applies to the [0, 1] image (ours takes the normalised image)
+    mean, std = np.asarray(config.data.pixel_mean), np.asarray(config.data.pixel_std)
+    image = ((pixels * 255 - mean) / std)[None].astype(np.float32)
     sizes = np.array([[HEIGHT, WIDTH]], np.int32)
-    boxes, labels, masks = ground_truth(rng)
+    boxes = instances["boxes"]
     batch = {
         "image": image,
         "image_size": sizes,
         "gt_boxes": boxes[None],
-        "gt_classes": labels[None].astype(np.int32),
+        "gt_classes": instances["labels"][None].astype(np.int32),
         "gt_is_crowd": np.zeros((1, NUM_INSTANCES), bool),
         "gt_valid": np.ones((1, NUM_INSTANCES), bool),
-        "gt_masks": np.asarray(ops.crop_masks_to_boxes(masks, boxes, 112))[None],
     }
-    variables = jax.jit(model.init)(jax.random.key(0), image, sizes)
+    if "masks" in instances:
+        batch["gt_masks"] = np.asarray(ops.crop_masks_to_boxes(instances["masks"], boxes, 112))[None]
+    if "keypoints" in instances:
+        batch["gt_keypoints"] = instances["keypoints"][None]
+    with np.load(weights_dir / "ours.npz") as weights:
+        variables = jax.device_put(flax.traverse_util.unflatten_dict(dict(weights), sep="/"))
     optimizer = optax.sgd(0.01, momentum=0.9)
 
     def train_step(variables, opt_state, batch, key):
@@ -116,10 +195,21 @@ def run_ours(repeats):
     compiled_predict = predict.lower(variables, image, sizes).compile()
     predict_compile = time.perf_counter() - start
 
-    out = compiled_predict(variables, image, sizes)
-    jax.block_until_ready(out)
-    detections = int(np.asarray(out["valid"]).sum())
-    infer = timed(lambda: jax.block_until_ready(compiled_predict(variables, image, sizes)), repeats)
+    def decode_keypoints(out):
+        """torchvision decodes its heatmaps inside the model; ours are decoded on the host, as the Predictor does."""
+        valid = np.asarray(out["valid"][0])
+        return heatmaps_to_keypoints(np.asarray(out["keypoint_heatmaps"][0])[valid], np.asarray(out["boxes"][0])[valid])
+
+    def infer():
+        out = jax.block_until_ready(compiled_predict(variables, image, sizes))
+        if config.model.keypoint_on:
+            decode_keypoints(out)
+        return out
+
+    out = infer()
+    valid = np.asarray(out["valid"][0])
+    infer_times = timed(infer, repeats)
+    host_decode = timed(lambda: decode_keypoints(out), repeats) if config.model.keypoint_on else None
 
     state = [variables, opt_state]
 
@@ -133,8 +223,10 @@ def run_ours(repeats):
         "train_compile_s": train_compile,
         "predict_compile_s": predict_compile,
         "train_step_s": train,
-        "inference_s": infer,
-        "detections": detections,
+        "inference_s": infer_times,
+        "host_decode_s": host_decode,
+        "detections": int(valid.sum()),
+        "top_boxes": np.asarray(out["boxes"][0])[valid][:TOP_BOXES].tolist(),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -196,18 +288,12 @@ def run_ours_inference(config_file, repeats):
 
 def backbones(repeats, rounds):
     """--backbones: each Table 2a config in its own process, alternating over the rounds; a new RESULTS.md section."""
-    # The commit measured: the one checked out when the run starts (others may land while it runs).
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = head_commit()
     results = {label: [] for label in BACKBONE_CONFIGS}
     for round_index in range(rounds):
         for label, config_file in BACKBONE_CONFIGS.items():
-            out = subprocess.run(
-                [sys.executable, __file__, "--side=ours_inference", f"--config_file={config_file}",
-                 f"--repeats={repeats}"],
-                check=True, capture_output=True, text=True,
-            ).stdout
-            results[label].append(json.loads(out.split("RESULT ", 1)[1]))
+            results[label].append(run_side("--side=ours_inference", f"--config_file={config_file}",
+                                           f"--repeats={repeats}"))
             print(f"round {round_index + 1} {label}", results[label][-1], flush=True)
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -262,35 +348,25 @@ def backbones(repeats, rounds):
     write_section("model_backbones", body)
 
 
-def run_torchvision(repeats):
-    import numpy as np
+def run_torchvision(model_name, weights_dir, repeats):
     import torch
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.misc import FrozenBatchNorm2d
 
-    torch.manual_seed(0)
-    # maskrcnn_resnet50_fpn's own structure, with the FrozenBatchNorm it uses for pretrained weights (its
-    # weights=None build switches to BatchNorm2d) and every stage trainable, as on our side.
-    backbone = resnet_fpn_backbone(
-        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5
-    )
-    # min/max size equal to the input, so torchvision's transform does not resize it.
-    model = MaskRCNN(backbone, num_classes=91, min_size=HEIGHT, max_size=WIDTH, box_score_thresh=0.0)
-    rng = np.random.default_rng(0)
-    image = torch.from_numpy(rng.uniform(0, 1, (3, HEIGHT, WIDTH)).astype(np.float32))
-    boxes, labels, masks = ground_truth(rng)
-    target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks)}
+    model = torchvision_model(model_name)
+    model.load_state_dict(torch.load(weights_dir / "torchvision.pth", weights_only=True))
+    pixels, instances = test_inputs(model_name)
+    image = torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+    target = {name: torch.from_numpy(value) for name, value in instances.items()}
 
     model.eval()
     with torch.inference_mode():
-        detections = len(model([image])[0]["boxes"])
+        boxes = model([image])[0]["boxes"]
         infer = timed(lambda: model([image]), repeats)
 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    mask_head_rois = []
-    model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: mask_head_rois.append(len(output)))
+    head_rois = []
+    head = model.roi_heads.keypoint_head if model.roi_heads.has_keypoint() else model.roi_heads.mask_head
+    head.register_forward_hook(lambda module, inputs, output: head_rois.append(len(output)))
 
     def one_step():
         losses = model([image], [target])
@@ -303,16 +379,104 @@ def run_torchvision(repeats):
     return {
         "train_step_s": train,
         "inference_s": infer,
-        "detections": detections,
+        "detections": len(boxes),
+        "top_boxes": boxes[:TOP_BOXES].tolist(),
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
-        "mask_head_rois": mask_head_rois[-1],
+        "head_rois": head_rois[-1],
     }
+
+
+def run_side(*args):
+    """This script run with `args` in a new process: the result it prints."""
+    out = subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.split("RESULT ", 1)[1])
+
+
+def head_commit():
+    """The commit measured: the one checked out when the run starts (others may land while it runs)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def compare(model_name, repeats, rounds):
+    """Ours against torchvision's `model_name`, with the same weights, alternating over the rounds; rewrites the
+    model's section of RESULTS.md."""
+    spec = MODELS[model_name]
+    commit = head_commit()
+    results = {"ours": [], "torchvision": []}
+    with tempfile.TemporaryDirectory() as weights_dir:
+        subprocess.run([sys.executable, __file__, "--side=weights", f"--model={model_name}",
+                        f"--weights_dir={weights_dir}"], check=True)
+        for round_index in range(rounds):
+            for side in results:
+                results[side].append(run_side(f"--side={side}", f"--model={model_name}",
+                                              f"--weights_dir={weights_dir}", f"--repeats={repeats}"))
+                print(f"round {round_index + 1} {side}", results[side][-1], flush=True)
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from timing import machine_line, write_section
+
+    def pooled(side, key):
+        return statistics.median([t for result in results[side] for t in result[key]])
+
+    ours, theirs = results["ours"][-1], results["torchvision"][-1]
+    rows = [
+        ("train step (s)", pooled("ours", "train_step_s"), pooled("torchvision", "train_step_s")),
+        ("inference (s)", pooled("ours", "inference_s"), pooled("torchvision", "inference_s")),
+        ("peak RSS of the process (MB)", max(r["peak_rss_mb"] for r in results["ours"]),
+         max(r["peak_rss_mb"] for r in results["torchvision"])),
+    ]
+    table = ["| measure | ours | torchvision | ours / torchvision |", "| --- | ---: | ---: | ---: |"]
+    table += [f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} |" for name, a, b in rows]
+
+    def per_round(side):
+        return ", ".join(f"{statistics.median(r['train_step_s']):.2f}" for r in results[side])
+
+    compared = min(len(ours["top_boxes"]), len(theirs["top_boxes"]))
+    box_difference = max(abs(a - b) for our_box, their_box in zip(ours["top_boxes"], theirs["top_boxes"])
+                         for a, b in zip(our_box, their_box))
+    if model_name == "keypointrcnn":
+        head, ground_truth = "keypoint head", f"{NUM_INSTANCES} ground-truth people with {NUM_KEYPOINTS} keypoints each"
+        outputs = ("Both sides' inference ends in keypoints: torchvision decodes the heatmaps inside its model, ours "
+                   "on the host (serving/keypoints.py, as the Predictor does: "
+                   f"{statistics.median(ours['host_decode_s']):.2f} s of our time).")
+    else:
+        head, ground_truth = "mask head", f"{NUM_INSTANCES} ground-truth instances"
+        outputs = ("torchvision's inference also pastes the masks into the image (its postprocess); ours ends at the "
+                   "28x28 masks.")
+    command = f".venv/bin/python benchmarks/model.py --model={model_name} --repeats={repeats} --rounds={rounds}"
+    body = "\n".join([
+        f"## {spec.title} (`benchmarks/model.py --model={model_name}`)",
+        "",
+        f"Command: `{command}` (rewrites this section), at commit {commit}.",
+        f"Machine: {machine_line()}.",
+        f"{spec.title}, one {HEIGHT}x{WIDTH} image, {ground_truth}, SGD with momentum, batch 1.",
+        "Both sides run the same weights: torchvision's seeded random initialisation (FrozenBatchNorm, every stage",
+        f"trainable), converted into ours by `maskrcnn_jax.convert.from_torchvision`; ours runs `{spec.config_file}`",
+        "with backbone.freeze_at 0, and both use a score threshold of 0. Each side runs in its own process,",
+        "alternating over the rounds; times are medians over every timed call of every round.",
+        f"Detections: ours {ours['detections']}, torchvision {theirs['detections']}; the top {compared} boxes differ "
+        f"by at most {box_difference:.3g} px.",
+        f"Our compile times: train step {ours['train_compile_s']:.1f} s, inference {ours['predict_compile_s']:.1f} s"
+        " (torchvision runs eagerly).",
+        f"Train-step medians per round: ours {per_round('ours')} s; torchvision {per_round('torchvision')} s.",
+        f"With random weights torchvision's {head} trains on {theirs['head_rois']} RoIs (the positives);"
+        " ours on the smallest of 16/32/64/128 that holds them (`roi_heads.mask_roi_buckets`).",
+        outputs,
+        "",
+        *table,
+    ])
+    write_section(spec.section, body)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--side", choices=["ours", "torchvision", "ours_inference"])
+    parser.add_argument("--model", choices=list(MODELS), default="maskrcnn",
+                        help="the model compared with torchvision's (MODELS)")
+    parser.add_argument("--side", choices=["ours", "torchvision", "weights", "ours_inference"],
+                        help="one process of a run (weights: write the shared weights into --weights_dir)")
+    parser.add_argument("--weights_dir", type=pathlib.Path, help="--side=ours/torchvision/weights: the shared weights")
     parser.add_argument("--backbones", action="store_true",
                         help="time our inference of the Table 2a configs (BACKBONE_CONFIGS) instead")
     parser.add_argument("--config_file", help="--side=ours_inference: the config file of the model to time")
@@ -321,65 +485,19 @@ def main():
                         help="rounds of (ours, torchvision) subprocesses; the sides alternate so that a burst of "
                              "load on a shared machine does not land on one side only")
     args = parser.parse_args()
-    if args.side:
+    if args.side == "weights":
+        write_shared_weights(args.model, args.weights_dir)
+    elif args.side:
         if args.side == "ours_inference":
             result = run_ours_inference(args.config_file, args.repeats)
         else:
-            result = run_ours(args.repeats) if args.side == "ours" else run_torchvision(args.repeats)
+            run = run_ours if args.side == "ours" else run_torchvision
+            result = run(args.model, args.weights_dir, args.repeats)
         print("RESULT " + json.dumps(result))
-        return
-    if args.backbones:
+    elif args.backbones:
         backbones(args.repeats, args.rounds)
-        return
-
-    rounds = {"ours": [], "torchvision": []}
-    for round_index in range(args.rounds):
-        for side in ("ours", "torchvision"):
-            out = subprocess.run(
-                [sys.executable, __file__, f"--side={side}", f"--repeats={args.repeats}"],
-                check=True, capture_output=True, text=True,
-            ).stdout
-            rounds[side].append(json.loads(out.split("RESULT ", 1)[1]))
-            print(f"round {round_index + 1} {side}", rounds[side][-1], flush=True)
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from timing import machine_line, write_section
-
-    def pooled(side, key):
-        return statistics.median([t for result in rounds[side] for t in result[key]])
-
-    ours, theirs = rounds["ours"][-1], rounds["torchvision"][-1]
-    rows = [
-        ("train step (s)", pooled("ours", "train_step_s"), pooled("torchvision", "train_step_s")),
-        ("inference (s)", pooled("ours", "inference_s"), pooled("torchvision", "inference_s")),
-        ("peak RSS of the process (MB)", max(r["peak_rss_mb"] for r in rounds["ours"]),
-         max(r["peak_rss_mb"] for r in rounds["torchvision"])),
-    ]
-    table = ["| measure | ours | torchvision | ours / torchvision |", "| --- | ---: | ---: | ---: |"]
-    table += [f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} |" for name, a, b in rows]
-
-    def per_round(side):
-        return ", ".join(f"{statistics.median(r['train_step_s']):.2f}" for r in rounds[side])
-
-    body = "\n".join([
-        "## model (`benchmarks/model.py`)",
-        "",
-        f"Command: `.venv/bin/python benchmarks/model.py --repeats={args.repeats} --rounds={args.rounds}` "
-        "(rewrites this section).",
-        f"Machine: {machine_line()}.",
-        f"R50-FPN Mask R-CNN, random weights, one {HEIGHT}x{WIDTH} image, {NUM_INSTANCES} ground-truth instances,",
-        "SGD with momentum. Each side runs in its own process, alternating over the rounds; times are medians over",
-        "every timed call of every round. Both sides use torchvision's settings and a score threshold of 0",
-        f"(detections: ours {ours['detections']}, torchvision {theirs['detections']}).",
-        f"Our compile times: train step {ours['train_compile_s']:.1f} s, inference {ours['predict_compile_s']:.1f} s"
-        " (torchvision runs eagerly).",
-        f"Train-step medians per round: ours {per_round('ours')} s; torchvision {per_round('torchvision')} s.",
-        f"With random weights torchvision's mask head trains on {theirs['mask_head_rois']} RoIs (the positives);"
-        " ours on the smallest of 16/32/64/128 that holds them (`roi_heads.mask_roi_buckets`).",
-        "",
-        *table,
-    ])
-    write_section("model", body)
+    else:
+        compare(args.model, args.repeats, args.rounds)
 
 
 if __name__ == "__main__":

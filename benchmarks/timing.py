@@ -32,13 +32,33 @@ def time_jax(fn, *args, repeats=7):
     return compile_seconds, median_seconds(lambda: jax.block_until_ready(jitted(*args)), repeats=repeats)
 
 
+# Instruction sets that decide which code the CPU kernels (XLA's, oneDNN's, YNNPACK's) run; /proc/cpuinfo names.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description():
+    """The CPU's model name and which of CPU_FLAGS it has and lacks, from /proc/cpuinfo's first processor; the
+    architecture alone where there is no /proc/cpuinfo."""
+    try:
+        first_processor = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return platform.machine()
+    fields = dict(line.split(":", 1) for line in first_processor.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    has = " ".join(flag for flag in CPU_FLAGS if flag in flags) or "none"
+    lacks = " ".join(flag for flag in CPU_FLAGS if flag not in flags) or "none"
+    return f"{fields.get('model name', platform.machine())} ({platform.machine()}; has {has}; lacks {lacks})"
+
+
 def machine_line():
     import os
 
     import numpy as np
 
     parts = [
-        f"{platform.processor() or platform.machine()}",
+        cpu_description(),
         f"{os.cpu_count()} cores",
         f"python {sys.version.split()[0]}",
         f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s))",
