@@ -1,13 +1,22 @@
-"""experiments/ablations.py on a tiny budget (two variants, one seed, 3 steps of the test config), its resume, and
-experiments/ablations.ipynb executed headless against what it wrote."""
+"""experiments/ablations.py: its studies against their config files, its statistics and report blocks on
+fabricated runs, its refusals, and one tiny run (RoIAlign and RoIPool, one seed, 3 steps of configs/test.py) with
+its resume and experiments/ablations.ipynb executed headless against what it wrote."""
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from PIL import Image
+
+from maskrcnn_jax import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
@@ -16,193 +25,336 @@ EXPERIMENTS = ROOT / "experiments"
 def _load_runner():
     spec = importlib.util.spec_from_file_location("ablations", EXPERIMENTS / "ablations.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["ablations"] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
 
 
 ablations = _load_runner()
 
-TINY_VARIANTS = ("baseline", "class_agnostic_mask")
+
+def parse(config_path, overrides):
+    """The config a run gets: the file with --config.a.b=value flags, parsed as maskrcnn_jax.main parses them."""
+    argv = ["prog", f"--config={ROOT / config_path}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
 
 
-def test_the_budget_scales_warmup_and_lr_drop_with_the_steps():
-    # configs/shapes.py: 1200 steps, warmup 100, drop at 1000.
-    assert ablations.budget_overrides(str(ROOT / "configs" / "shapes.py"), 300) == {
+def flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def what_runs(config):
+    """The flattened config as the model reads it: an unset roi_reduce is avg (defaults.py)."""
+    values = flat(config.to_dict())
+    if values["model.roi_heads.roi_reduce"] is None:
+        values["model.roi_heads.roi_reduce"] = "avg"
+    return values
+
+
+STUDY_VARIANTS = [(key, v.name) for key, study in ablations.STUDIES.items() for v in study.variants]
+
+
+@pytest.mark.parametrize("key,name", STUDY_VARIANTS, ids=[f"{k}:{n}" for k, n in STUDY_VARIANTS])
+def test_every_variant_changes_exactly_the_settings_it_names(key, name):
+    study = ablations.STUDIES[key]
+    variant = study.variant(name)
+    config_path = study.config_of(variant)
+    base = flat(config_lib.load(ROOT / config_path).to_dict())
+    budget = ablations.budget_overrides(config_path, 300)
+    config = parse(config_path, ablations.run_overrides(ablations.RunSpec.of(config_path, variant.overrides), 1,
+                                                        budget, {}))
+    config_lib.validate(config)
+    changed = {k for k, v in flat(config.to_dict()).items() if v != base[k]}
+    assert changed == set(variant.overrides) | {"train.num_steps", "train.warmup_steps", "train.lr_steps",
+                                                "train.seed", "data.seed"}
+    assert config.train.num_steps == 300 and config.train.seed == config.data.seed == 1
+    if variant is study.baseline:
+        assert not variant.overrides  # the pilot's noise is the config's own
+
+
+def test_the_ablation_configs_are_their_demo_configs_on_a_320_pixel_canvas():
+    for ablation, demo in (("ablations_fpn", "shapes"), ("ablations_c4", "shapes_c4"), ("ablations_c5", "shapes_c5"),
+                           ("ablations_keypoints", "stick_figures")):
+        config = flat(config_lib.load(ROOT / "configs" / f"{ablation}.py").to_dict())
+        other = flat(config_lib.load(ROOT / "configs" / f"{demo}.py").to_dict())
+        assert {k for k in config if config[k] != other[k]} == {"data.canvas_size"}, ablation
+        assert tuple(config["data.canvas_size"]) == (320, 320)
+        assert (config["model.backbone.depth"], config["model.backbone.norm"], config["model.backbone.freeze_at"]) == (
+            18, "gn", 0)  # ResNet-18-GN from scratch
+    assert config_lib.load(ROOT / ablations.C4).model.anchors.strides == (16,)
+    assert config_lib.load(ROOT / ablations.C5).model.anchors.strides == (32,)
+
+
+def test_every_effect_compares_two_variants_of_its_study_that_differ():
+    for study in ablations.STUDIES.values():
+        names = [v.name for v in study.variants]
+        assert len(set(names)) == len(names)
+        assert study.pair is None or set(study.pair) <= set(names)
+        for effect in study.effects:
+            choice, alternative = study.variant(effect.choice), study.variant(effect.alternative)
+            a = what_runs(parse(study.config_of(choice), choice.overrides))
+            b = what_runs(parse(study.config_of(alternative), alternative.overrides))
+            assert {k for k in a if a[k] != b[k]}, f"{study.key}: {effect.label} compares two equal models"
+    c4 = ablations.STUDIES["2c"]
+    assert what_runs(parse(ablations.C4, c4.variant("warp_avg").overrides))["model.roi_heads.roi_reduce"] == "avg"
+    # The paper's effects, from its rows: Table 2c, 2d (mask and box), Table 6.
+    paper = {(s, e.label): ablations.paper_effect(ablations.STUDIES[s], e) for s in ablations.STUDIES
+             for e in ablations.STUDIES[s].effects}
+    assert paper["2c", "RoIAlign vs RoIPool"]["segm_AP"] == pytest.approx(3.4)
+    assert paper["2d", "RoIAlign vs RoIPool"]["segm_AP"] == pytest.approx(7.3)
+    assert paper["2d", "RoIAlign vs RoIPool"]["segm_AP75"] == pytest.approx(10.5)
+    assert paper["2d", "RoIAlign vs RoIPool"]["bbox_AP"] == pytest.approx(5.8)
+    assert paper["t6", "RoIAlign vs RoIPool"]["keypoints_AP"] == pytest.approx(4.4)
+    assert paper["2d", "half-pixel offset: aligned=True vs False"]["segm_AP"] is None
+
+
+def test_studies_share_the_runs_of_one_model():
+    suite = ablations.unique_runs(ablations.select(ablations.STUDIES, list(ablations.STUDIES)))
+    names = [spec.name for spec in suite]
+    assert len(names) == len(set(names)) == 14
+    assert names.count("ablations_c4/base") == 1 and names.count("ablations_fpn/base") == 1  # 2a = 2c, 2a = 2b = 2e
+    optional = ablations.select(ablations.STUDIES, ["2a", "2d"], with_optional=True)
+    assert {v.name for _, v in optional} == {"fpn_r18", "fpn_r34", "c4_r18", "c4_r34", "fpn_r50", "fpn_x50", "align",
+                                             "pool", "align_unaligned"}
+    assert [(s.key, v.name) for s, v in ablations.select(ablations.STUDIES, ["2c", "2d"], ["2d:pool", "align_max"])] == [
+        ("2c", "align_max"), ("2d", "pool")]
+
+
+def test_the_budget_scales_the_schedule_and_an_explicit_setting_wins():
+    # configs/ablations_fpn.py: shapes.py's 1200 steps, warmup 100, drop at 1000.
+    assert ablations.budget_overrides(ablations.FPN, 300) == {
         "train.num_steps": "300", "train.warmup_steps": "25", "train.lr_steps": "(250,)"}
-    assert ablations.budget_overrides(str(ROOT / "configs" / "shapes.py"), None)["train.num_steps"] == "1200"
+    assert ablations.budget_overrides(ablations.FPN, None)["train.num_steps"] == "1200"
+    budget, extra = ablations.split_budget(ablations.FPN, 300, {"train.warmup_steps": "7", "train.base_lr": "0.1"})
+    assert budget == {"train.num_steps": "300", "train.warmup_steps": "7", "train.lr_steps": "(250,)"}
+    assert extra == {"train.base_lr": "0.1"}
+    with pytest.raises(SystemExit):
+        ablations.parse_args(["--config.train.num_steps=5"], ablations.STUDIES)
 
 
-def test_every_variant_changes_exactly_one_setting_of_the_demo_config():
-    config = ablations.load_config(str(ROOT / "configs" / "shapes.py"))
-    assert ablations.VARIANTS["baseline"] == {}
-    for name, overrides in ablations.VARIANTS.items():
-        if name == "baseline":
-            continue
-        assert len(overrides) == 1, name
-        (key, value), = overrides.items()
-        section = config
-        for part in key.split(".")[:-1]:
-            section = section[part]
-        assert str(section[key.split(".")[-1]]) != value, f"{name} does not change {key}"
-        assert name in ablations.PAPER_TABLE2
-
-
-def test_the_variant_override_wins_over_an_extra_override():
-    overrides = ablations.run_overrides("mlp_head", 7, {"train.num_steps": "5"},
-                                        {"model.roi_heads.mask_head": "fcn", "train.base_lr": "0.1"})
+def test_the_variant_wins_over_an_extra_override_and_the_seed_sets_both_seeds():
+    spec = ablations.RunSpec.of(ablations.FPN, {"model.roi_heads.mask_head": "mlp"})
+    overrides = ablations.run_overrides(spec, 7, {"train.num_steps": "5"},
+                                        {"model.roi_heads.mask_head": "fcn", "train.base_lr": "0.1", "train.seed": "3"})
     assert overrides["model.roi_heads.mask_head"] == "mlp"
-    assert overrides["train.base_lr"] == "0.1"
+    assert overrides["train.base_lr"] == "0.1" and overrides["train.num_steps"] == "5"
     assert overrides["train.seed"] == overrides["data.seed"] == "7"
 
 
-def test_a_workdir_started_under_another_budget_is_refused(tmp_path):
+def test_a_workdir_started_with_other_overrides_is_refused(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / ablations.RUN_RECORD).write_text(json.dumps(
-        {"config": "configs/shapes.py", "overrides": {"train.num_steps": "300"}, "seconds": []}))
-    ablations.check_same_run(str(workdir), {"train.num_steps": "300"}, "configs/shapes.py")
+        {"config": ablations.C4, "overrides": {"train.num_steps": "300"}, "seconds": []}))
+    ablations.check_same_run(str(workdir), {"train.num_steps": "300"}, ablations.C4)
     with pytest.raises(SystemExit, match="delete it or choose"):
-        ablations.check_same_run(str(workdir), {"train.num_steps": "400"}, "configs/shapes.py")
+        ablations.check_same_run(str(workdir), {"train.num_steps": "400"}, ablations.C4)
+    with pytest.raises(SystemExit, match="delete it or choose"):
+        ablations.check_same_run(str(workdir), {"train.num_steps": "300"}, ablations.C5)
 
 
-def test_effects_compare_baseline_minus_variant_with_the_paper():
-    runs = [{"variant": v, "seed": s, "metrics": {k: ap for k in ablations.METRICS}}
-            for v, aps in (("baseline", (0.50, 0.54)), ("roi_pool", (0.40, 0.42))) for s, ap in enumerate(aps)]
-    effects = ablations.effects(ablations.summarize(runs, ["baseline", "roi_pool"]))
-    assert effects["roi_pool"]["delta"] == pytest.approx(11.0)
-    # sqrt(s_b^2/2 + s_v^2/2) with s_b = 2.83 and s_v = 1.41 points
-    assert effects["roi_pool"]["delta_se"] == pytest.approx(((8.0 + 2.0) / 2) ** 0.5)
-    assert effects["roi_pool"]["paper_delta"] == pytest.approx(3.4)
-    assert "delta" not in effects["softmax_mask"]
+def test_code_state_sees_uncommitted_code_but_not_results(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for path in ("maskrcnn_jax/model.py", "configs/a.py", "experiments/ablations.py", "experiments/RESULTS.md",
+                 "pyproject.toml"):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("x\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(ablations, "ROOT", str(tmp_path))
+    state = ablations.code_state()
+    assert state["clean"] and len(state["commit"]) == 40
+    (tmp_path / "experiments" / "RESULTS.md").write_text("a result\n")
+    assert ablations.code_state() == state
+    (tmp_path / "configs" / "new.py").write_text("untracked\n")
+    assert ablations.code_state()["changed"] == ["configs/new.py"]
+    (tmp_path / "configs" / "new.py").unlink()
+    (tmp_path / "maskrcnn_jax" / "model.py").write_text("edited\n")
+    assert not ablations.code_state()["clean"]
+    git("commit", "-qam", "d")
+    after = ablations.code_state()
+    assert after["clean"] and after["code_tree"] != state["code_tree"]
 
 
-def _write_jsonl(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def test_a_dirty_tree_is_refused_without_allow_dirty(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ablations, "code_state", lambda: {"commit": "c" * 40, "code_tree": "t", "clean": False,
+                                                          "changed": ["maskrcnn_jax/x.py"]})
+    started = []
+
+    def execute_run(*args, **kwargs):
+        started.append(args[1])
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(ablations, "execute_run", execute_run)
+    argv = ["--studies=2e", "--variants=mlp", "--num_steps=10", f"--runs_dir={tmp_path}",
+            f"--out={tmp_path / 'RESULTS.md'}"]
+    with pytest.raises(SystemExit, match="uncommitted changes .maskrcnn_jax/x.py"):
+        ablations.main(argv)
+    assert not started
+    with pytest.raises(SystemExit, match="stop here"):
+        ablations.main(argv + ["--allow_dirty"])
+    assert started == [str(tmp_path / "ablations_fpn" / "mask_head=mlp" / "steps10" / "seed0")]
 
 
-def test_the_report_agrees_with_the_eval_metrics_it_read(tmp_path, capsys):
-    """--report_only over fabricated runs (no training): results.json, the summary, the effects and the Markdown
-    tables are the final-step lines of each run's eval_metrics.jsonl, their means and sample deviations, and the
-    differences of those means; an unfinished run is reported missing and left out."""
-    import numpy as np
+def test_the_statistics():
+    assert ablations.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert math.isnan(ablations.mean_std([4.0])[1])
+    a = {"n": 3, "segm_AP": {"mean": 10.0, "std": 2.0}}
+    b = {"n": 2, "segm_AP": {"mean": 7.0, "std": 1.0}}
+    delta, se = ablations.difference(a, b, "segm_AP")
+    assert delta == 3.0 and se == pytest.approx(math.sqrt(4.0 / 3 + 1.0 / 2))
+    assert math.isnan(ablations.difference({**a, "n": 1}, b, "segm_AP")[1])
+    assert ablations.difference({"n": 0}, b, "segm_AP") is None
+    # n >= 2 (2 std / 2)^2 seeds, at least 3.
+    assert [ablations.seeds_needed(s) for s in (0.5, 1.0, 1.5, 2.0, float("nan"))] == [3, 3, 5, 8, 3]
+    assert ablations.verdict(3.0, 1.0, 3.4) == "resolved, same sign as the paper"
+    assert ablations.verdict(-3.0, 1.0, 3.4) == "resolved, OPPOSITE sign to the paper"
+    assert ablations.verdict(1.5, 1.0, 3.4) == "not resolved (within 2 SE)"
+    assert ablations.verdict(3.0, 1.0, 0.1) == "resolved, but the paper finds none"
+    assert ablations.verdict(3.0, float("nan"), 3.4) == "no SE (one seed)"
 
-    rng = np.random.default_rng(7)
-    variants, seeds, num_steps = ("baseline", "roi_pool", "mlp_head"), (0, 1, 2), 5
-    runs_dir, out = tmp_path / "runs", tmp_path / "report" / "RESULTS.md"
+
+def test_the_report_blocks_are_kept_when_another_is_rewritten(tmp_path):
+    path = str(tmp_path / "RESULTS.md")
+    ablations.write_markdown(path, suite="suite one")
+    text = open(path).read()
+    assert "suite one" in text and ablations.PILOT_PLACEHOLDER in text and ablations.ANALYSIS_PLACEHOLDER in text
+    with open(path, "w") as f:
+        f.write(text.replace(ablations.ANALYSIS_PLACEHOLDER, "Written by hand."))
+    ablations.write_markdown(path, pilot="pilot one")
+    ablations.write_markdown(path, suite="suite two")
+    text = open(path).read()
+    assert "suite two" in text and "suite one" not in text
+    assert "pilot one" in text and "Written by hand." in text
+    assert text.count(ablations.SUITE_BEGIN) == text.count(ablations.PILOT_BEGIN) == 1
+
+
+TINY = ablations.Study(
+    key="tiny", title="Tiny: RoIAlign vs RoIPool", config="configs/test.py", task="segm", setting="the paper's",
+    note="ours", effect_metrics=ablations.MASK_METRICS + ablations.BOX_METRICS, pair=("align", "pool"),
+    variants=(ablations.Variant("align", "RoIAlign", paper_row="RoIAlign", paper={"segm_AP": 30.9}),
+              ablations.Variant("pool", "RoIPool", {"model.roi_heads.roi_op": "pool"}, paper_row="RoIPool",
+                                paper={"segm_AP": 23.6})),
+    effects=(ablations.Effect("RoIAlign vs RoIPool", "align", "pool"),))
+
+
+def _fabricate(workdir, metrics_by_step, clean=True, minutes=1.0):
+    workdir.mkdir(parents=True)
+    (workdir / "eval_metrics.jsonl").write_text("".join(json.dumps({"step": s, **m}) + "\n"
+                                                        for s, m in metrics_by_step))
+    (workdir / ablations.RUN_RECORD).write_text(json.dumps({
+        "config": TINY.config, "overrides": {}, "variant_overrides": {}, "seconds": [60.0 * minutes],
+        "attempts": [{"commit": "a" * 40, "code_tree": "tree", "clean": clean, "seconds": 60.0 * minutes,
+                      "cpu_seconds": 100.0 * minutes, "exit": 0}]}))
+
+
+def test_the_report_is_the_final_evaluations_of_the_clean_runs(tmp_path, capsys):
+    """--report_only over fabricated runs: each run's metrics are its final-step line; a run on an edited tree and
+    an unfinished one are left out and named; the summary and the effect are their means, stds and difference."""
+    rng = np.random.default_rng(0)
+    runs_dir, out, steps = tmp_path / "runs", tmp_path / "report" / "RESULTS.md", 5
     final = {}
-    for variant in variants:
-        for seed in seeds:
-            metrics = {k: round(float(v), 4) for k, v in zip(ablations.METRICS, rng.uniform(0.05, 0.6, 4))}
-            earlier = {k: round(float(v), 4) for k, v in zip(ablations.METRICS, rng.uniform(0.0, 0.05, 4))}
-            finished = (variant, seed) != ("mlp_head", 2)
-            records = [{"step": 3, **earlier}] + ([{"step": num_steps, **metrics}] if finished else [])
-            _write_jsonl(runs_dir / variant / f"seed{seed}" / "eval_metrics.jsonl", records)
-            (runs_dir / variant / f"seed{seed}" / ablations.RUN_RECORD).write_text(
-                json.dumps({"config": "configs/test.py", "overrides": {}, "seconds": [60.0 * (seed + 1)]}))
-            if finished:
-                final[variant, seed] = metrics
-    argv = ["--config=configs/test.py", f"--num_steps={num_steps}", "--seeds=0,1,2",
-            f"--variants={','.join(variants)}", f"--runs_dir={runs_dir}", f"--out={out}", "--report_only"]
-    results = ablations.main(argv)
+    for variant in TINY.variants:
+        spec = ablations.RunSpec.of(TINY.config, variant.overrides)
+        for seed in range(4):
+            metrics = {k: round(float(v), 4) for k, v in zip(ablations.MASK_METRICS + ablations.BOX_METRICS,
+                                                            rng.uniform(0.1, 0.6, 6))}
+            finished = (variant.name, seed) != ("pool", 3)
+            clean = (variant.name, seed) != ("align", 3)
+            _fabricate(pathlib.Path(ablations.run_dir(str(runs_dir), spec, steps, seed)),
+                       [(2, {"segm_AP": 0.01})] + ([(steps, metrics)] if finished else []), clean, seed + 1)
+            if finished and clean:
+                final[variant.name, seed] = metrics
+    argv = [f"--num_steps={steps}", "--seeds=0,1,2,3", f"--runs_dir={runs_dir}", f"--out={out}", "--report_only"]
+    results = ablations.main(argv, studies={"tiny": TINY})
     printed = capsys.readouterr().out
-    assert "missing mlp_head seed 2" in printed and "skip baseline seed 0: finished" in printed
-    assert "run " not in printed  # --report_only starts nothing
-
+    assert "missing test/roi_op=pool steps 5 seed 3" in printed and "skip test/base steps 5 seed 0" in printed
     assert json.loads((out.parent / "results.json").read_text()) == json.loads(json.dumps(results))
-    for run in results["runs"]:
-        assert run["metrics"] == final.get((run["variant"], run["seed"]))
-        assert run["minutes"] == run["seed"] + 1
+    study, = results["studies"]
+    summaries = {v["name"]: v["summary"] for v in study["variants"]}
+    values = {}
+    for name in ("align", "pool"):
+        seeds = [s for s in range(4) if (name, s) in final]
+        assert summaries[name]["seeds"] == seeds == [0, 1, 2]
+        for metric in ablations.MASK_METRICS + ablations.BOX_METRICS:
+            points = [100.0 * final[name, s][metric] for s in seeds]
+            assert summaries[name][metric]["mean"] == pytest.approx(np.mean(points))
+            assert summaries[name][metric]["std"] == pytest.approx(np.std(points, ddof=1))
+        values[name] = np.array([100.0 * final[name, s]["segm_AP"] for s in seeds])
+    measured = study["effects"][0]["measured"]["segm_AP"]
+    assert measured["delta"] == pytest.approx(values["align"].mean() - values["pool"].mean())
+    assert measured["se"] == pytest.approx(np.sqrt((values["align"].var(ddof=1) + values["pool"].var(ddof=1)) / 3))
+    assert study["effects"][0]["paper"]["segm_AP"] == pytest.approx(7.3)
     report = out.read_text()
-    means = {}
-    for variant in variants:
-        finished = [s for s in seeds if (variant, s) in final]
-        entry = results["summary"][variant]
-        assert entry["n"] == len(finished) and entry["seeds"] == finished
-        cells = []
-        for key in ablations.METRICS:
-            values = 100.0 * np.array([final[variant, s][key] for s in finished])
-            assert entry[key]["mean"] == pytest.approx(values.mean(), abs=1e-9)
-            assert entry[key]["std"] == pytest.approx(values.std(ddof=1), abs=1e-9)
-            cells.append(f"{values.mean():.1f} ± {values.std(ddof=1):.1f}")
-        means[variant] = 100.0 * np.array([final[variant, s]["segm_AP"] for s in finished])
-        assert f"| {variant} | " in report and " | ".join(cells) in report
-    for variant in ("roi_pool", "mlp_head"):
-        effect = results["effects"][variant]
-        base, other = means["baseline"], means[variant]
-        assert effect["delta"] == pytest.approx(base.mean() - other.mean(), abs=1e-9)
-        se = np.sqrt(base.var(ddof=1) / len(base) + other.var(ddof=1) / len(other))
-        assert effect["delta_se"] == pytest.approx(se, abs=1e-9)
-        assert f"| {variant} | " in report and f"{effect['delta']:+.1f} ± {se:.1f} |" in report
-    assert "mlp_head seed 2" in report.split("Missing runs")[1].splitlines()[0]
+    assert "**Left out (edited tree or unknown commit):** test/base seed 3." in report
+    assert "**Not finished (not in the tables):** test/roi_op=pool seed 3." in report
+    assert f"{measured['delta']:+.1f} ± {measured['se']:.1f}" in report
+    assert "commit aaaaaaaaaa" in report
+    # With --allow_dirty the edited run counts, marked.
+    results = ablations.main(argv + ["--allow_dirty"], studies={"tiny": TINY})
+    assert results["studies"][0]["variants"][0]["summary"]["seeds"] == [0, 1, 2, 3]
+    assert "align † (RoIAlign)" in out.read_text()
 
 
 @pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    """Runs the runner once on the tiny budget; returns (argv, output folder, runs folder, its stdout)."""
+def tiny_run(tmp_path_factory):
+    """The runner on the tiny study: 3 steps of configs/test.py, seed 0; returns (argv, report dir, runs dir,
+    results, stdout). --allow_dirty: the tests run in edited trees too."""
     base = tmp_path_factory.mktemp("ablations")
-    argv = ["--config=configs/test.py", "--num_steps=3", "--seeds=0", f"--variants={','.join(TINY_VARIANTS)}",
-            f"--runs_dir={base / 'runs'}", f"--out={base / 'report' / 'RESULTS.md'}",
-            f"--config.data.data_dir={base / 'tfds'}", f"--config.data.shapes.dir={base / 'shapes'}",
-            "--config.train.checkpoint_every=3", "--config.eval.num_overlays=2"]
+    argv = ["--num_steps=3", "--seeds=0", "--allow_dirty", f"--runs_dir={base / 'runs'}",
+            f"--out={base / 'report' / 'RESULTS.md'}", f"--config.data.data_dir={base / 'tfds'}",
+            f"--config.data.shapes.dir={base / 'shapes'}", "--config.train.checkpoint_every=3",
+            "--config.eval.num_overlays=1"]
     with pytest.MonkeyPatch.context() as patch:
         # The suite's persistent compilation cache (tests/conftest.py) serves the runs' subprocesses too.
         patch.setenv("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".venv" / "jax_cache"))
-        results = ablations.main(argv)
+        results = ablations.main(argv, studies={"tiny": TINY})
     return argv, base / "report", base / "runs", results
 
 
-def test_the_runner_trains_every_variant_and_writes_the_report(tiny_study):
-    _, report_dir, runs_dir, results = tiny_study
+def test_the_runner_trains_every_variant_and_reports_its_own_evaluations(tiny_run):
+    _, report_dir, runs_dir, results = tiny_run
     saved = json.loads((report_dir / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [(v, 0) for v in TINY_VARIANTS]
+    assert [(r["run"], r["seed"]) for r in saved["runs"]] == [("test/base", 0), ("test/roi_op=pool", 0)]
     for run in saved["runs"]:
-        lines = (runs_dir / run["variant"] / "seed0" / "eval_metrics.jsonl").read_text().splitlines()
-        last = json.loads(lines[-1])
-        assert last["step"] == 3
-        # The results are the run's own final evaluation, and the summary of one seed is that evaluation.
-        assert run["metrics"] == {k: v for k, v in last.items() if k != "step"}
-        for key in ablations.METRICS:
-            assert saved["summary"][run["variant"]][key]["mean"] == pytest.approx(100.0 * last[key])
-        assert len(list((report_dir / run["overlays"]).glob("*.png"))) == 2
-        config = json.loads((runs_dir / run["variant"] / "seed0" / "config.json").read_text())
-        assert config["train"]["seed"] == config["data"]["seed"] == 0
-        assert config["train"]["num_steps"] == 3
-        assert config["model"]["roi_heads"]["class_agnostic_mask"] is (run["variant"] == "class_agnostic_mask")
-    assert saved["summary"]["baseline"]["n"] == 1
+        workdir = report_dir / run["workdir"]
+        last = json.loads((workdir / "eval_metrics.jsonl").read_text().splitlines()[-1])
+        assert last["step"] == 3 and run["metrics"] == {k: v for k, v in last.items() if k != "step"}
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["train"]["seed"] == config["data"]["seed"] == 0 and config["train"]["num_steps"] == 3
+        assert config["model"]["roi_heads"]["roi_op"] == ("pool" if "pool" in run["run"] else "align")
+        record = json.loads((workdir / ablations.RUN_RECORD).read_text())
+        attempt, = record["attempts"]
+        assert attempt["exit"] == 0 and attempt["cpu_seconds"] > 0 and attempt["commit"] == run["commit"]
+        assert run["included"] and len(list((report_dir / run["overlays"]).glob("*.png"))) == 1
+    align, pool = saved["studies"][0]["variants"]
+    assert align["summary"]["segm_AP"]["mean"] == pytest.approx(100.0 * saved["runs"][0]["metrics"]["segm_AP"])
     report = (report_dir / "RESULTS.md").read_text()
-    for variant in TINY_VARIANTS:
-        assert f"| {variant} |" in report
-    assert "3 steps of 2 images" in report
-    assert "experiments/ablations.py --config=configs/test.py --num_steps=3" in report
-    assert ablations.ANALYSIS_PLACEHOLDER in report
-    with Image.open(report_dir / "ablations.png") as chart:
+    assert "**3 steps** of 2 images" in report
+    assert "experiments/ablations.py --num_steps=3 --seeds=0 --allow_dirty" in report
+    with Image.open(report_dir / ablations.CHART_NAME) as chart:
         assert chart.width > 300 and chart.height > 200
 
 
-def test_a_second_invocation_skips_finished_runs_and_keeps_the_analysis(tiny_study, capsys):
-    argv, report_dir, runs_dir, _ = tiny_study
-    report_path = report_dir / "RESULTS.md"
-    report_path.write_text(report_path.read_text().replace(ablations.ANALYSIS_PLACEHOLDER, "Written by hand."))
-    metrics_files = [runs_dir / v / "seed0" / "eval_metrics.jsonl" for v in TINY_VARIANTS]
-    before = [os.stat(p).st_mtime_ns for p in metrics_files]
-    capsys.readouterr()
-    ablations.main(argv)
-    out = capsys.readouterr().out
-    for variant in TINY_VARIANTS:
-        assert f"skip {variant} seed 0: finished" in out
-    assert "run " not in out
-    assert [os.stat(p).st_mtime_ns for p in metrics_files] == before
-    report = report_path.read_text()
-    assert "Written by hand." in report and ablations.ANALYSIS_PLACEHOLDER not in report
-
-
-def test_the_notebook_executes_headless_on_the_tiny_results(tiny_study, monkeypatch):
+def test_the_notebook_executes_headless_on_the_tiny_results(tiny_run, monkeypatch):
     import nbformat
     from nbconvert.preprocessors import ExecutePreprocessor
 
-    _, report_dir, _, _ = tiny_study
+    _, report_dir, _, _ = tiny_run
     monkeypatch.setenv("ABLATIONS_RESULTS", str(report_dir / "results.json"))
     notebook = nbformat.read(EXPERIMENTS / "ablations.ipynb", as_version=4)
     ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(
@@ -210,6 +362,23 @@ def test_the_notebook_executes_headless_on_the_tiny_results(tiny_study, monkeypa
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # the bar chart, the effects beside the paper, the side-by-side predictions
+    assert len(images) == 3  # every study beside the paper, the effects, RoIAlign and RoIPool side by side
     text = "".join(o.get("text", "") for o in outputs)
-    assert "2 runs, 3 steps of 2 images" in text
+    assert "2 of 2 runs counted, 3 steps of 2 images" in text
+    assert "tiny RoIAlign vs RoIPool" in text and "mask AP" in text
+
+
+def test_a_second_invocation_trains_nothing_and_keeps_the_hand_written_blocks(tiny_run, capsys):
+    argv, report_dir, runs_dir, _ = tiny_run
+    report_path = report_dir / "RESULTS.md"
+    report_path.write_text(report_path.read_text().replace(ablations.ANALYSIS_PLACEHOLDER, "Written by hand."))
+    metrics_files = sorted(runs_dir.glob("test/*/steps3/seed0/eval_metrics.jsonl"))
+    assert len(metrics_files) == 2
+    before = [os.stat(p).st_mtime_ns for p in metrics_files]
+    capsys.readouterr()
+    ablations.main(argv, studies={"tiny": TINY})
+    printed = capsys.readouterr().out
+    assert printed.count("skip test/") == 2 and "run test/" not in printed
+    assert [os.stat(p).st_mtime_ns for p in metrics_files] == before
+    report = report_path.read_text()
+    assert "Written by hand." in report and ablations.ANALYSIS_PLACEHOLDER not in report
