@@ -36,10 +36,11 @@ def main(argv):
     parallel.initialize_distributed(FLAGS.distributed)
     from maskrcnn_jax import train
     from maskrcnn_jax.engine import workdir as workdir_lib
+    from maskrcnn_jax.evaluation import coco
 
     metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if metrics:
-        print(f"box AP {metrics['bbox_AP']:.4f}  mask AP {metrics['segm_AP']:.4f}  (COCO AP@[.5:.95]; all metrics "
+        print(f"{coco.headline(metrics)}  (COCO AP@[.5:.95], keypoints by OKS; all metrics "
               f"in {os.path.join(FLAGS.workdir, workdir_lib.METRICS_FILE)})", flush=True)
 
 

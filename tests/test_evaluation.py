@@ -246,3 +246,10 @@ def test_oks_sigmas_come_from_the_config_the_dataset_or_coco():
     assert evaluation.oks_sigmas((0.3, 0.4), (0.1, 0.2), 2) == (0.3, 0.4)
     with pytest.raises(ValueError, match="needs 13 OKS sigmas"):
         evaluation.oks_sigmas((), None, 13)
+
+
+def test_the_headline_names_the_ap_of_every_iou_type_the_model_was_scored_on():
+    box_and_keypoints = {"bbox_AP": 0.62254, "bbox_AP50": 0.9, "keypoints_AP": 0.59081, "keypoints_AR": 0.7}
+    assert evaluation.headline(box_and_keypoints) == "box AP 0.6225, keypoint AP 0.5908"
+    all_three = dict(box_and_keypoints, segm_AP=0.544)
+    assert evaluation.headline(all_three) == "box AP 0.6225, mask AP 0.5440, keypoint AP 0.5908"

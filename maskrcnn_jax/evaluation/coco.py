@@ -39,6 +39,15 @@ def metric_keys(kinds: Sequence[str]) -> tuple[str, ...]:
                  for name in (KEYPOINT_STAT_NAMES if kind == "keypoints" else STAT_NAMES))
 
 
+_HEADLINE_NAMES = {"bbox": "box", "segm": "mask", "keypoints": "keypoint"}
+
+
+def headline(metrics: Mapping[str, float]) -> str:
+    """'box AP 0.6225, mask AP 0.5440, keypoint AP 0.5908': the AP of every iou type the metrics hold."""
+    return ", ".join(f"{name} AP {metrics[kind + '_AP']:.4f}" for kind, name in _HEADLINE_NAMES.items()
+                     if kind + "_AP" in metrics)
+
+
 def oks_sigmas(configured: Sequence[float], dataset_sigmas: Sequence[float] | None, num_keypoints: int
                ) -> tuple[float, ...]:
     """The OKS sigmas COCOeval uses: the config's (eval.kpt_oks_sigmas), else the dataset's, else COCO's 17 when

@@ -116,9 +116,8 @@ class CocoEvaluator:
                                                   self.sigmas)
             metrics = np.asarray([values[k] for k in self.metric_keys], np.float64)
             self._write(step, results, values, per_class, overlays)
-            summary = ", ".join(f"{ {'bbox': 'box', 'segm': 'mask', 'keypoints': 'keypoint'}[kind] } AP "
-                                f"{values[kind + '_AP']:.4f}" for kind in self.iou_types)
-            logging.info("evaluation at step %d on %d images: %s", step, len(image_ids), summary)
+            logging.info("evaluation at step %d on %d images: %s", step, len(image_ids),
+                         coco.headline({k: values[k] for k in self.metric_keys}))
         if jax.process_count() > 1:
             metrics = np.asarray(multihost_utils.broadcast_one_to_all(metrics))
         return {k: float(v) for k, v in zip(self.metric_keys, metrics)}
