@@ -23,7 +23,8 @@ def get_config():
     m.keypoint_head.num_convs = 4
 
     # The keypoint branch makes a step about 1.5x the shapes demo's (0.98 s against 0.65 s on 2 cores): 1,000 steps
-    # with the decay at 850 keep the run within 20 minutes (1,200 steps, on a machine shared with other jobs: 25.5 min, AP^kp 0.59, mask AP 0.54).
+    # with the decay at 850 keep the run within 20 minutes (1,200 steps, on a machine shared with other jobs, took
+    # 25.5 minutes for AP^kp 0.59 and mask AP 0.54).
     t = config.train
     t.num_steps = 1000
     t.lr_steps = (850,)
