@@ -135,7 +135,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=96, help="640x480 images to generate")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=24, help="timed batches per setting and core count")
+    parser.add_argument("--batches", type=int, default=100, help="timed batches per setting and core count")
     parser.add_argument("--warmup", type=int, default=4, help="untimed batches per setting and core count")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     parser.add_argument("--cores", default="1,2", help="comma-separated core counts, each timed in its own process")

@@ -46,6 +46,8 @@ Each side runs in its own process, sides alternating over --rounds. Each times, 
 one compiles, its time is reported apart):
   - loop: --steps steps of the training loop as above (data and step together), wall seconds per step;
   - step alone: --steps steps on a few batches already loaded (ours: already on the device), no input work;
+  - backbone alone: the gradient of the sum of P2-P6 with respect to the parameters, on one loaded batch (ours:
+    normalised outside; the twin: after its transform), the step's share that the backbone takes;
   - input alone: --steps batches of the input side only (ours: a fresh tf.data iterator, after --warmup batches,
     read as fast as it gives them; the twin: PIL, masks and flips).
 Each also gives the CPU seconds of all its threads per step (process time), to see how much of the 2 cores it uses.
@@ -92,10 +94,11 @@ def timed_phase(run_once, count):
 
 def run_ours(sources, config, warmup, steps, data_threads):
     import jax
+    import jax.numpy as jnp
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from maskrcnn_jax import train
+    from maskrcnn_jax import ops, train
     from maskrcnn_jax.data import coco_dataset, pipeline
     from maskrcnn_jax.data.options import InputOptions
     from maskrcnn_jax.engine import checkpointing, parallel
@@ -143,14 +146,25 @@ def run_ours(sources, config, warmup, steps, data_threads):
     jax.block_until_ready(cached)
     position = iter(range(steps))
     step_alone = timed_steps(lambda: cached[next(position) % CACHED_BATCHES], steps)
+
+    def backbone_sum(params, images):
+        levels = model.apply({"params": params, "batch_stats": box["state"].batch_stats}, images, True,
+                             method=lambda module, x, train: module._features(x, train))
+        return sum(jnp.sum(level) for level in levels)
+
+    backbone_grad = jax.jit(jax.grad(backbone_sum))
+    images = ops.normalize_canvas(cached[0]["image"], cached[0]["image_size"], config.data.pixel_mean,
+                                  config.data.pixel_std)
+    jax.block_until_ready(backbone_grad(box["state"].params, images))
+    backbone_alone = timed_phase(lambda: jax.block_until_ready(backbone_grad(box["state"].params, images)), steps)
     # A fresh iterator, read as fast as it goes: the old one filled its prefetch buffer while the steps ran alone.
     fresh_batches = iter(tfds.as_numpy(dataset))
     for _ in range(warmup):
         next(fresh_batches)
     input_alone = timed_phase(lambda: next(fresh_batches), steps)
     return {"compile_and_first_step_s": compile_and_first_step, "loop": loop, "step_alone": step_alone,
-            "input_alone": input_alone, "threads": f"XLA's pool on {os.cpu_count()} cores, tf.data "
-                                                   f"{data_threads or 'autotuned'}"}
+            "backbone_alone": backbone_alone, "input_alone": input_alone,
+            "threads": f"XLA's pool on {os.cpu_count()} cores, tf.data {data_threads or 'autotuned'}"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,8 +333,17 @@ def run_torchvision(paths, config, warmup, steps):
     cached = [next(batches) for _ in range(CACHED_BATCHES)]
     position = iter(range(steps))
     step_alone = timed_phase(lambda: step(cached[next(position) % CACHED_BATCHES]), steps)
+
+    canvas = model.transform(*cached[0])[0].tensors
+
+    def backbone_step():
+        model.zero_grad(set_to_none=True)
+        sum(level.sum() for level in model.backbone(canvas).values()).backward()
+
+    backbone_step()
+    backbone_alone = timed_phase(backbone_step, steps)
     input_alone = timed_phase(lambda: next(batches), steps)
-    return {"loop": loop, "step_alone": step_alone, "input_alone": input_alone,
+    return {"loop": loop, "step_alone": step_alone, "backbone_alone": backbone_alone, "input_alone": input_alone,
             "threads": f"torch {torch.get_num_threads()} threads"}
 
 
@@ -353,7 +376,9 @@ def report(args, results, commit, num_images):
     ]
     names = {"loop": "training loop: input and step together (ours: tf.data in the background, two batches on "
                      "the device ahead; twin: PIL in the loop)",
-             "step_alone": "step alone, on batches already loaded", "input_alone": "input alone, one batch"}
+             "step_alone": "step alone, on batches already loaded",
+             "backbone_alone": "of which the backbone (ResNet-18 GN + FPN, P2-P6) forward and backward",
+             "input_alone": "input alone, one batch"}
     for phase, name in names.items():
         pairs = {side: median_pair(results[side], phase) for side in sides}
         row = f"| {name} | " + " | ".join(f"{pairs[s][0]:.3f} ({pairs[s][1]:.2f})" for s in sides)
@@ -363,16 +388,16 @@ def report(args, results, commit, num_images):
     lines.append("")
     for side in sides:
         rounds = results[side]
-        lines.append(f"{side}: {rounds[0]['threads']}; loop seconds per step by round: "
-                     + ", ".join(f"{r['loop'][0]:.3f}" for r in rounds)
-                     + (f"; compile and first step {statistics.median(r['compile_and_first_step_s'] for r in rounds):.1f} s"
-                        if side == "ours" else "") + ".")
-    if len(sides) == 2:
-        loop = {side: median_pair(results[side], "loop")[0] for side in sides}
-        lines.append(f"Images per second in the loop: ours {t.batch_size / loop['ours']:.2f}, torchvision "
-                     f"{t.batch_size / loop['torchvision']:.2f}; the demo's {t.num_steps} steps would take "
-                     f"{t.num_steps * loop['ours'] / 60:.1f} min of training loop here (ours, without compile, "
-                     f"checkpoints and evaluation).")
+        wall, cpu = median_pair(rounds, "loop")
+        line = (f"{side}: {rounds[0]['threads']}; loop seconds per step by round: "
+                + ", ".join(f"{r['loop'][0]:.3f}" for r in rounds)
+                + f"; {t.batch_size / wall:.2f} images/s; {cpu / wall:.2f} cores busy in the loop")
+        if side == "ours":
+            compile_seconds = statistics.median(r["compile_and_first_step_s"] for r in rounds)
+            line += (f"; compile and first step {compile_seconds:.1f} s; the demo's {t.num_steps} steps would take "
+                     f"{t.num_steps * wall / 60:.1f} min of training loop here (without compile, checkpoints and "
+                     "evaluation)")
+        lines.append(line + ".")
     return "\n".join(lines)
 
 

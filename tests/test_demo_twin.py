@@ -58,5 +58,5 @@ def test_twin_dry_run(twin, tmp_path):
 
     paths = synthetic.generate(str(tmp_path), num_train=4, num_val=0, seed=0)
     result = twin.run_torchvision(paths, twin.load_config(), warmup=0, steps=1)
-    for phase in ("loop", "step_alone", "input_alone"):
+    for phase in ("loop", "step_alone", "backbone_alone", "input_alone"):
         assert np.all(np.isfinite(result[phase])) and result[phase][0] > 0
