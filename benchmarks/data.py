@@ -188,8 +188,9 @@ def main():
         print(f"{cores} core(s): " + ", ".join(f"{k} {v:.1f} images/s" for k, v in rates[cores].items()),
               flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    from timing import head_commit
+
+    commit = head_commit()
     section = report(args, summary, generate_rate, build_rate, rates, load_averages, commit)
     print("\n" + section)
     if args.write:

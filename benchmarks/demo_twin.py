@@ -455,8 +455,9 @@ def main():
             results[side].append(json.loads(out.strip().splitlines()[-1]))
             print(f"{side}: {results[side][-1]}", flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    from timing import head_commit
+
+    commit = head_commit()
     section = report(args, results, commit, args.num_train)
     print("\n" + section)
     if args.write:

@@ -288,6 +288,9 @@ def run_ours_inference(config_file, repeats):
 
 def backbones(repeats, rounds):
     """--backbones: each Table 2a config in its own process, alternating over the rounds; a new RESULTS.md section."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from timing import head_commit, machine_line, write_section
+
     commit = head_commit()
     results = {label: [] for label in BACKBONE_CONFIGS}
     for round_index in range(rounds):
@@ -295,9 +298,6 @@ def backbones(repeats, rounds):
             results[label].append(run_side("--side=ours_inference", f"--config_file={config_file}",
                                            f"--repeats={repeats}"))
             print(f"round {round_index + 1} {label}", results[label][-1], flush=True)
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from timing import machine_line, write_section
 
     def median(label):
         return statistics.median([t for result in results[label] for t in result["inference_s"]])
@@ -393,16 +393,13 @@ def run_side(*args):
     return json.loads(out.split("RESULT ", 1)[1])
 
 
-def head_commit():
-    """The commit measured: the one checked out when the run starts (others may land while it runs)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
-
-
 def compare(model_name, repeats, rounds):
     """Ours against torchvision's `model_name`, with the same weights, alternating over the rounds; rewrites the
     model's section of RESULTS.md."""
     spec = MODELS[model_name]
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from timing import head_commit, machine_line, write_section
+
     commit = head_commit()
     results = {"ours": [], "torchvision": []}
     with tempfile.TemporaryDirectory() as weights_dir:
@@ -413,9 +410,6 @@ def compare(model_name, repeats, rounds):
                 results[side].append(run_side(f"--side={side}", f"--model={model_name}",
                                               f"--weights_dir={weights_dir}", f"--repeats={repeats}"))
                 print(f"round {round_index + 1} {side}", results[side][-1], flush=True)
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from timing import machine_line, write_section
 
     def pooled(side, key):
         return statistics.median([t for result in results[side] for t in result[key]])

@@ -24,7 +24,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from timing import machine_line, median_seconds, time_jax, write_section  # noqa: E402
+from timing import head_commit, machine_line, median_seconds, time_jax, write_section  # noqa: E402
 
 from maskrcnn_jax import ops  # noqa: E402
 from maskrcnn_jax.ops.anchors import _anchors_for_shape, feature_map_size  # noqa: E402
@@ -93,6 +93,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Times each op against torchvision.")
     parser.add_argument("--only", choices=["roi"], help="time only these rows and print them; RESULTS.md is left alone")
     args = parser.parse_args(argv)
+    commit = head_commit()
     rng = np.random.default_rng(0)
     # Cotangents come from their own stream so that the rows after them keep their inputs.
     cotangent_rng = np.random.default_rng(1)
@@ -245,7 +246,7 @@ def main(argv=None):
     body = "\n".join([
         "## ops (`benchmarks/ops.py`)",
         "",
-        "Command: `.venv/bin/python benchmarks/ops.py` (rewrites this section).",
+        f"Command: `.venv/bin/python benchmarks/ops.py` (rewrites this section), at commit {commit}.",
         f"Machine: {machine_line()}.",
         "Ours is jit-compiled and timed in steady state (median of 7, compile excluded); torchvision runs its CPU",
         "kernels eagerly on the same arrays. A ratio below 1 means ours is faster.",

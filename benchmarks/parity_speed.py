@@ -22,14 +22,13 @@ scores near 1), so both sides do the full amount of work.
 import argparse
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from timing import machine_line, write_section  # noqa: E402
+from timing import head_commit, machine_line, write_section  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BUCKET_SIDES = (800, 1088, 1344)
@@ -62,14 +61,6 @@ def mixed_stream(photos, count, seed=0):
         size = (max(16, int(crop_w * scale)), max(16, int(crop_h * scale)))
         stream.append(np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR)))
     return stream
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():
@@ -149,7 +140,7 @@ def main():
         "## Parity and speed on photographs: torchvision maskrcnn_resnet50_fpn vs ours with converted weights",
         "",
         f"Command: `.venv/bin/python benchmarks/parity_speed.py --repeats={args.repeats} --stream={args.stream}` at "
-        f"commit {commit()}, on {machine_line()}.",
+        f"commit {head_commit()}, on {machine_line()}.",
         "Both sides on the uint8 photograph (resize, normalise, pad, network, boxes mapped back, masks pasted),",
         "batch 1, float32; ours with configs/torchvision_maskrcnn_r50_fpn.py as it is (each image padded to a",
         "multiple of 32, as torchvision pads). Agreement is over the top 50 detections (masks binarised at 0.5);",

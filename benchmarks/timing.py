@@ -3,6 +3,7 @@
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -50,6 +51,15 @@ def cpu_description():
     has = " ".join(flag for flag in CPU_FLAGS if flag in flags) or "none"
     lacks = " ".join(flag for flag in CPU_FLAGS if flag not in flags) or "none"
     return f"{fields.get('model name', platform.machine())} ({platform.machine()}; has {has}; lacks {lacks})"
+
+
+def head_commit():
+    """The commit measured: the one checked out when the run starts (others may land while it runs)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS_PATH.parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def machine_line():
