@@ -40,7 +40,7 @@ def main(argv):
 
     metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if metrics:
-        print(f"{coco.headline(metrics)}  (COCO AP@[.5:.95], keypoints by OKS; all metrics "
+        print(f"{coco.headline(metrics)}  (COCO AP@[.5:.95]; all metrics "
               f"in {os.path.join(FLAGS.workdir, workdir_lib.METRICS_FILE)})", flush=True)
 
 
