@@ -40,6 +40,7 @@ from torchvision_reference import (  # noqa: E402
     grace_hopper,
     photographs,
     randomize_torchvision_model,
+    torchvision_predictions,
 )
 
 
@@ -205,11 +206,7 @@ def photos_run(reference, imported_predictor):
     photographs as one list."""
     torch, model = reference
     photos = photographs()
-    expected = {}
-    with torch.no_grad():
-        for name, photo in photos.items():
-            output = model([torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255])[0]
-            expected[name] = {key: value.numpy() for key, value in output.items()}
+    expected = torchvision_predictions(torch, model, photos)
     actual = imported_predictor(list(photos.values()), score_threshold=0.0)
     return {name: (expected[name], result) for name, result in zip(photos, actual)}
 

@@ -19,7 +19,7 @@ import pytest
 from maskrcnn_jax.serving.predictor import Predictor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torchvision_reference import grace_hopper, randomize_torchvision_model  # noqa: E402
+from torchvision_reference import grace_hopper, randomize_torchvision_model, torchvision_predictions  # noqa: E402
 
 TOP = 20
 
@@ -52,11 +52,7 @@ def keypoint_run(tmp_path_factory):
                    check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     predictor = Predictor.from_checkpoint(str(workdir))
     photos = photographs()
-    expected = {}
-    with torch.no_grad():
-        for name, photo in photos.items():
-            output = model([torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255])[0]
-            expected[name] = {key: value.numpy() for key, value in output.items()}
+    expected = torchvision_predictions(torch, model, photos)
     actual = predictor(list(photos.values()), score_threshold=0.0)
     return predictor, {name: (expected[name], result) for name, result in zip(photos, actual)}
 

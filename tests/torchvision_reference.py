@@ -48,6 +48,16 @@ def photographs():
     }
 
 
+def torchvision_predictions(torch, model, photos):
+    """{name: model([photo])[0] as NumPy arrays}: torchvision's own inference on each uint8 photograph."""
+    predictions = {}
+    with torch.no_grad():
+        for name, photo in photos.items():
+            output = model([torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255])[0]
+            predictions[name] = {key: value.numpy() for key, value in output.items()}
+    return predictions
+
+
 def compare_detections(expected, actual, top=TOP):
     """Agreement of the top `top` detections of torchvision's model([photo]) (labels, scores, boxes, masks > 0.5)
     and ours: {'labels_agree', 'max_score_diff', 'max_box_diff', 'median_mask_iou', 'min_mask_iou',
