@@ -11,9 +11,11 @@ mutable when training (FrozenBatchNorm hands its statistics back unchanged). Sta
 whatever the compute dtype.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -80,8 +82,81 @@ class BatchNorm(nn.Module):
         return _affine(x, mean, var, weight, bias, self.eps, self.dtype)
 
 
+def _group_sums(per_channel, num_groups):
+    """[B, C] -> [B, G]: the sum over each group's channels."""
+    return per_channel.reshape(per_channel.shape[0], num_groups, -1).sum(-1)
+
+
+def _per_channel(per_group, channels):
+    """[B, G] -> [B, C]: each group's value repeated over its channels."""
+    return jnp.repeat(per_group, channels // per_group.shape[1], axis=1)
+
+
+def _spatial(per_sample_channel, ndim):
+    """[B, C] -> [B, 1, ..., 1, C], broadcastable against an input of ndim dimensions."""
+    return per_sample_channel.reshape(per_sample_channel.shape[0], *(1,) * (ndim - 2), per_sample_channel.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x, weight, bias, num_groups, eps, dtype):
+    """PyTorch's GroupNorm over [B, ..., C]: statistics per sample over the spatial axes and the group's channels,
+    in float32; the output in ``dtype``."""
+    return _group_norm_forward(x, weight, bias, num_groups, eps, dtype)[0]
+
+
+def _group_norm_statistics(x32, num_groups):
+    """Mean and 1/std per (sample, group), [B, G], two passes (the variance about the mean, as torch computes it)."""
+    axes = tuple(range(1, x32.ndim - 1))
+    count = x32.size // x32.shape[0] // num_groups
+    mean = _group_sums(x32.sum(axes), num_groups) / count
+    centered = x32 - _spatial(_per_channel(mean, x32.shape[-1]), x32.ndim)
+    var = _group_sums(jnp.square(centered).sum(axes), num_groups) / count
+    return mean, var
+
+
+def _group_norm_forward(x, weight, bias, num_groups, eps, dtype):
+    channels = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean, var = _group_norm_statistics(x32, num_groups)
+    rstd = lax.rsqrt(var + eps)
+    # One scale and shift per (sample, channel): the output is a single multiply-add over x.
+    scale = _per_channel(rstd, channels) * weight
+    shift = bias - _per_channel(mean, channels) * scale
+    y = (x32 * _spatial(scale, x.ndim) + _spatial(shift, x.ndim)).astype(dtype)
+    return y, (x, weight, mean, rstd)
+
+
+def _group_norm_backward(num_groups, eps, dtype, residuals, grad):
+    """The closed form: with xhat = (x - mean) * rstd and d = grad * weight,
+    dx = rstd * (d - mean_group(d) - xhat * mean_group(d * xhat)); per (sample, channel) it needs only the sums of
+    grad and of grad * (x - mean) over the spatial axes, so one reduction pass over (grad, x) and one
+    multiply-add pass make the whole backward."""
+    x, weight, mean, rstd = residuals
+    channels = x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    x32, grad32 = x.astype(jnp.float32), grad.astype(jnp.float32)
+    mean_c, rstd_c = _per_channel(mean, channels), _per_channel(rstd, channels)
+    grad_sum = grad32.sum(axes)  # [B, C]
+    grad_centered_sum = (grad32 * (x32 - _spatial(mean_c, x.ndim))).sum(axes)  # [B, C]
+    bias_grad = grad_sum.sum(0)
+    weight_grad = (grad_centered_sum * rstd_c).sum(0)
+    count = x.size // x.shape[0] // num_groups
+    mean_d = _group_sums(grad_sum * weight, num_groups) / count  # mean_group(d), [B, G]
+    mean_d_xhat = _group_sums(grad_centered_sum * weight, num_groups) * rstd / count  # mean_group(d * xhat)
+    # dx = grad * (rstd w) + x * (-rstd^2 mean_d_xhat) + (rstd^2 mean_d_xhat mean - rstd mean_d)
+    x_coefficient = -rstd * rstd * mean_d_xhat
+    offset = -x_coefficient * mean - rstd * mean_d
+    grad_x = (grad32 * _spatial(rstd_c * weight, x.ndim) + x32 * _spatial(_per_channel(x_coefficient, channels), x.ndim)
+              + _spatial(_per_channel(offset, channels), x.ndim))
+    return grad_x.astype(x.dtype), weight_grad, bias_grad
+
+
+group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+
+
 class GroupNorm(nn.Module):
-    """PyTorch's GroupNorm over NHWC: statistics per sample over (H, W, channels of the group)."""
+    """PyTorch's GroupNorm over NHWC: statistics per sample over (H, W, channels of the group). Its backward is
+    written out (group_norm): autodiff of the normalisation takes several more passes over the activations."""
 
     num_groups: int = GROUP_NORM_GROUPS
     eps: float = 1e-5
@@ -94,12 +169,7 @@ class GroupNorm(nn.Module):
             raise ValueError(f"{channels} channels do not split into {self.num_groups} groups")
         weight = self.param("weight", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
-        reduce_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=reduce_axes, keepdims=True)
-        normalized = ((grouped - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (normalized * weight + bias).astype(self.dtype)
+        return group_norm(x, weight, bias, self.num_groups, self.eps, self.dtype)
 
 
 def make_norm(kind: str, *, train: bool, eps: float = 1e-5, dtype: Any = jnp.float32, name: str | None = None):
