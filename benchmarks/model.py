@@ -59,23 +59,24 @@ BACKBONE_CONFIGS = {
 }
 
 
-def test_inputs(model_name):
+def test_inputs(model_name, height=HEIGHT, width=WIDTH):
     """The image (H x W x 3, RGB in [0, 1], as torchvision's model takes it) and NUM_INSTANCES ground-truth instances
     in torchvision's target format: boxes and labels, with box-filling masks for Mask R-CNN, or people (label 1) with
     NUM_KEYPOINTS visible keypoints inside their boxes for Keypoint R-CNN."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    image = rng.uniform(0, 1, (HEIGHT, WIDTH, 3)).astype(np.float32)
-    xy = rng.uniform(0, [WIDTH - 300, HEIGHT - 300], (NUM_INSTANCES, 2))
-    wh = rng.uniform(60, 300, (NUM_INSTANCES, 2))
+    image = rng.uniform(0, 1, (height, width, 3)).astype(np.float32)
+    largest = min(300, min(height, width) // 2)  # boxes 60-300 px at the benchmark's size
+    xy = rng.uniform(0, [width - largest, height - largest], (NUM_INSTANCES, 2))
+    wh = rng.uniform(largest / 5, largest, (NUM_INSTANCES, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
     if model_name == "keypointrcnn":
         points = xy[:, None] + wh[:, None] * rng.uniform(0, 1, (NUM_INSTANCES, NUM_KEYPOINTS, 2))
         visibility = np.full((NUM_INSTANCES, NUM_KEYPOINTS, 1), 2.0)
         keypoints = np.concatenate([points, visibility], axis=-1).astype(np.float32)
         return image, {"boxes": boxes, "labels": np.ones(NUM_INSTANCES, np.int64), "keypoints": keypoints}
-    masks = np.zeros((NUM_INSTANCES, HEIGHT, WIDTH), np.uint8)
+    masks = np.zeros((NUM_INSTANCES, height, width), np.uint8)
     for mask, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
         mask[y1:y2, x1:x2] = 1
     return image, {"boxes": boxes, "labels": rng.integers(1, 91, NUM_INSTANCES), "masks": masks}
@@ -139,27 +140,19 @@ def write_shared_weights(model_name, weights_dir):
     np.savez(weights_dir / "ours.npz", **flax.traverse_util.flatten_dict(from_torchvision(state_dict), sep="/"))
 
 
-def run_ours(model_name, weights_dir, repeats):
-    import flax
-    import jax
+def our_batch(model_name, config, height=HEIGHT, width=WIDTH):
+    """test_inputs as our train step takes them: the normalised image batch, boxes, classes and crop-size masks."""
     import numpy as np
-    import optax
 
     from maskrcnn_jax import ops
-    from maskrcnn_jax.modeling import build_model
-    from maskrcnn_jax.serving.keypoints import heatmaps_to_keypoints
 
-    config = our_config(model_name)
-    model = build_model(config.model)
-    pixels, instances = test_inputs(model_name)
+    pixels, instances = test_inputs(model_name, height, width)
     # torchvision's normalisation, which its model applies to the [0, 1] image (ours takes the normalised image)
     mean, std = np.asarray(config.data.pixel_mean), np.asarray(config.data.pixel_std)
-    image = ((pixels * 255 - mean) / std)[None].astype(np.float32)
-    sizes = np.array([[HEIGHT, WIDTH]], np.int32)
     boxes = instances["boxes"]
     batch = {
-        "image": image,
-        "image_size": sizes,
+        "image": ((pixels * 255 - mean) / std)[None].astype(np.float32),
+        "image_size": np.array([[height, width]], np.int32),
         "gt_boxes": boxes[None],
         "gt_classes": instances["labels"][None].astype(np.int32),
         "gt_is_crowd": np.zeros((1, NUM_INSTANCES), bool),
@@ -169,8 +162,15 @@ def run_ours(model_name, weights_dir, repeats):
         batch["gt_masks"] = np.asarray(ops.crop_masks_to_boxes(instances["masks"], boxes, 112))[None]
     if "keypoints" in instances:
         batch["gt_keypoints"] = instances["keypoints"][None]
-    with np.load(weights_dir / "ours.npz") as weights:
-        variables = jax.device_put(flax.traverse_util.unflatten_dict(dict(weights), sep="/"))
+    return batch
+
+
+def our_train_step(model):
+    """(the jitted step (variables, opt_state, batch, key) -> (variables, opt_state, loss), its optimizer): SGD with
+    momentum, as torchvision's reference recipe; the variables and optimizer state are donated."""
+    import jax
+    import optax
+
     optimizer = optax.sgd(0.01, momentum=0.9)
 
     def train_step(variables, opt_state, batch, key):
@@ -183,7 +183,24 @@ def run_ours(model_name, weights_dir, repeats):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return {**variables, "params": optax.apply_updates(params, updates)}, opt_state, loss
 
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    return jax.jit(train_step, donate_argnums=(0, 1)), optimizer
+
+
+def run_ours(model_name, weights_dir, repeats):
+    import flax
+    import jax
+    import numpy as np
+
+    from maskrcnn_jax.modeling import build_model
+    from maskrcnn_jax.serving.keypoints import heatmaps_to_keypoints
+
+    config = our_config(model_name)
+    model = build_model(config.model)
+    batch = our_batch(model_name, config)
+    image, sizes = batch["image"], batch["image_size"]
+    with np.load(weights_dir / "ours.npz") as weights:
+        variables = jax.device_put(flax.traverse_util.unflatten_dict(dict(weights), sep="/"))
+    train_step, optimizer = our_train_step(model)
     predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method=model.predict))
     opt_state = optimizer.init(variables["params"])
     key = jax.random.key(1)
