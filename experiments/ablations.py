@@ -553,26 +553,36 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """{'n', 'seeds', metric: {'mean', 'std'}} in percent over the included runs (each metric they all have)."""
+    """{'n', 'seeds', metric: {'mean', 'std', 'values'}} in percent over the included runs (each metric they all
+    have); 'values' follow 'seeds'."""
     included = [r for r in runs if r["included"]]
     entry: dict[str, Any] = {"n": len(included), "seeds": [r["seed"] for r in included]}
     if included:
         for key in included[0]["metrics"]:
             values = [r["metrics"].get(key) for r in included]
             if all(isinstance(v, (int, float)) and v >= 0 for v in values):
-                mean, std = mean_std([100.0 * v for v in values])
-                entry[key] = {"mean": mean, "std": std}
+                points = [100.0 * v for v in values]
+                mean, std = mean_std(points)
+                entry[key] = {"mean": mean, "std": std, "values": points}
     return entry
 
 
-def difference(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
-    """(mean_a - mean_b, its standard error sqrt(s_a^2/n_a + s_b^2/n_b)); the SE is NaN with a single seed."""
+def difference(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> dict[str, Any] | None:
+    """mean_a - mean_b with its standard error. Runs of one seed share the initialisation of every layer the two
+    variants share and the data order, so where both ran the same seeds (at least 2) the SE is that of the mean of
+    the per-seed differences, std(a_i - b_i) / sqrt(n) ('paired'); otherwise sqrt(s_a^2/n_a + s_b^2/n_b). Both are
+    returned: {'delta', 'se', 'paired', 'se_unpaired'}; SEs are NaN with a single seed."""
     if not a.get("n") or not b.get("n") or metric not in a or metric not in b:
         return None
     delta = a[metric]["mean"] - b[metric]["mean"]
-    if a["n"] < 2 or b["n"] < 2:
-        return delta, float("nan")
-    return delta, math.sqrt(a[metric]["std"] ** 2 / a["n"] + b[metric]["std"] ** 2 / b["n"])
+    unpaired = (float("nan") if a["n"] < 2 or b["n"] < 2 else
+                math.sqrt(a[metric]["std"] ** 2 / a["n"] + b[metric]["std"] ** 2 / b["n"]))
+    paired = a["n"] >= 2 and list(a["seeds"]) == list(b["seeds"]) and "values" in a[metric] and "values" in b[metric]
+    se = unpaired
+    if paired:
+        differences = np.subtract(a[metric]["values"], b[metric]["values"])
+        se = float(differences.std(ddof=1) / math.sqrt(differences.size))
+    return {"delta": delta, "se": se, "paired": paired, "se_unpaired": unpaired}
 
 
 PAPER_NO_EFFECT = 0.5  # points: the paper's differences this small it calls none (e.g. RoIAlign avg vs max, 0.1)
@@ -610,11 +620,10 @@ def study_results(study: Study, variants: Sequence[str], runs: Sequence[Mapping[
     for effect in out["effects"]:
         effect["measured"] = {}
         for metric in study.effect_metrics:
-            found = difference(summaries[effect["choice"]], summaries[effect["alternative"]], metric)
-            paper = effect["paper"].get(metric)
-            effect["measured"][metric] = {
-                "delta": None if found is None else found[0], "se": None if found is None else found[1],
-                "verdict": verdict(None if found is None else found[0], None if found is None else found[1], paper)}
+            found = difference(summaries[effect["choice"]], summaries[effect["alternative"]], metric) or {
+                "delta": None, "se": None, "paired": False, "se_unpaired": None}
+            found["verdict"] = verdict(found["delta"], found["se"], effect["paper"].get(metric))
+            effect["measured"][metric] = found
     return out
 
 
@@ -679,7 +688,14 @@ def _signed(value: float | None, se: float | None = None) -> str:
 
 
 def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
+    if value is None:
+        return "–"
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
+
+
+def _unpaired_mark(measured: Mapping[str, Any]) -> str:
+    """' ‡' after an effect whose SE is unpaired (the two variants did not run the same seeds)."""
+    return " ‡" if measured["delta"] is not None and not measured["paired"] else ""
 
 
 def format_suite(results: Mapping[str, Any]) -> str:
@@ -696,8 +712,11 @@ def format_suite(results: Mapping[str, Any]) -> str:
         f"{', '.join(str(s) for s in budget['lr_steps'])}) and is evaluated once at the end on the validation split "
         "(COCO AP@[.5:.95], AP50, AP75 in percent). Mean ± sample standard deviation over seeds "
         f"{', '.join(str(s) for s in results['seeds'])}; the seed sets `train.seed` (initialisation, RoI sampling) "
-        "and `data.seed` (shuffling, flips). Each effect is the paper's choice minus the alternative, ± the standard "
-        "error of the difference of the two means, sqrt(s1²/n1 + s2²/n2); **resolved** means |effect| > 2 SE. "
+        "and `data.seed` (shuffling, flips). Each effect is the paper's choice minus the alternative, ± its standard "
+        "error: variants that ran the same seeds share the initialisation of their common layers and the data order, "
+        "so the SE is that of the mean of the per-seed differences, std(a_i − b_i)/sqrt(n) (paired); where the seeds "
+        "differ, sqrt(s1²/n1 + s2²/n2) (marked ‡). Each study's table also gives the unpaired SE. **resolved** means "
+        "|effect| > 2 SE. "
         f"The paper's numbers: {PAPER}.", "",
         f"**Code:** {code['summary']}", "",
         "**Command:**", "", "```sh", results["command"], "```", ""]
@@ -726,7 +745,8 @@ def format_suite(results: Mapping[str, Any]) -> str:
             if effect["paper_note"]:
                 paper += f" ({effect['paper_note']})"
             lines.append(f"| {study['key']} | {effect['label']} | {paper} | "
-                         f"{_signed(measured['delta'], measured['se'])} | {measured['verdict']} |")
+                         f"{_signed(measured['delta'], measured['se'])}{_unpaired_mark(measured)} | "
+                         f"{measured['verdict']} |")
     lines.append("")
     if results.get("chart"):
         lines += [f"![every study beside the paper]({results['chart']})", ""]
@@ -755,7 +775,8 @@ def format_suite(results: Mapping[str, Any]) -> str:
                      " / ".join(_number(paper.get(m)) for m in study["effect_metrics"]),
                      f"{np.mean(minutes):.1f}" if minutes else "–"]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "| effect | metric | paper | measured | verdict |", "| --- | --- | ---: | ---: | --- |"]
+        lines += ["", "| effect | metric | paper | measured | unpaired SE | verdict |",
+                  "| --- | --- | ---: | ---: | ---: | --- |"]
         for effect in study["effects"]:
             for metric in study["effect_metrics"]:
                 measured = effect["measured"][metric]
@@ -765,7 +786,8 @@ def format_suite(results: Mapping[str, Any]) -> str:
                     continue
                 lines.append(f"| {effect['label']} ({effect['choice']} − {effect['alternative']}) | "
                              f"{METRIC_LABELS[metric]} | {_signed(effect['paper'].get(metric))} | "
-                             f"{_signed(measured['delta'], measured['se'])} | {measured['verdict']} |")
+                             f"{_signed(measured['delta'], measured['se'])}{_unpaired_mark(measured)} | "
+                             f"{_number(measured['se_unpaired'])} | {measured['verdict']} |")
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 

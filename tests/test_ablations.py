@@ -209,14 +209,30 @@ def test_a_dirty_tree_is_refused_without_allow_dirty(tmp_path, monkeypatch, caps
     assert started == [str(tmp_path / "ablations_fpn" / "mask_head=mlp" / "steps10" / "seed0")]
 
 
+def _run(seed, segm_ap):
+    return {"seed": seed, "included": True, "metrics": {"segm_AP": segm_ap}}
+
+
 def test_the_statistics():
     assert ablations.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert math.isnan(ablations.mean_std([4.0])[1])
-    a = {"n": 3, "segm_AP": {"mean": 10.0, "std": 2.0}}
-    b = {"n": 2, "segm_AP": {"mean": 7.0, "std": 1.0}}
-    delta, se = ablations.difference(a, b, "segm_AP")
-    assert delta == 3.0 and se == pytest.approx(math.sqrt(4.0 / 3 + 1.0 / 2))
-    assert math.isnan(ablations.difference({**a, "n": 1}, b, "segm_AP")[1])
+    # Different seeds: the SE of a difference of two means.
+    a = ablations.summarize_runs([_run(s, v) for s, v in ((0, 0.08), (1, 0.10), (2, 0.12))])
+    b = ablations.summarize_runs([_run(s, v) for s, v in ((0, 0.065), (3, 0.075))])
+    assert a["segm_AP"]["values"] == pytest.approx([8.0, 10.0, 12.0]) and a["seeds"] == [0, 1, 2]
+    found = ablations.difference(a, b, "segm_AP")
+    assert found["delta"] == pytest.approx(3.0) and not found["paired"]
+    assert found["se"] == found["se_unpaired"] == pytest.approx(math.sqrt(4.0 / 3 + 0.5 / 2))
+    # The same seeds: the SE of the mean of the per-seed differences (here the runs move together).
+    c = ablations.summarize_runs([_run(s, v) for s, v in ((0, 0.07), (1, 0.085), (2, 0.10))])
+    found = ablations.difference(a, c, "segm_AP")
+    assert found["paired"] and found["delta"] == pytest.approx(1.5)
+    differences = np.array([1.0, 1.5, 2.0])
+    assert found["se"] == pytest.approx(differences.std(ddof=1) / math.sqrt(3))
+    assert found["se_unpaired"] == pytest.approx(math.sqrt(4.0 / 3 + 2.25 / 3)) and found["se"] < found["se_unpaired"]
+    single = ablations.summarize_runs([_run(0, 0.1)])
+    assert math.isnan(ablations.difference(single, b, "segm_AP")["se"])
+    assert math.isnan(ablations.difference(single, ablations.summarize_runs([_run(0, 0.2)]), "segm_AP")["se"])
     assert ablations.difference({"n": 0}, b, "segm_AP") is None
     # n >= 2 (2 std / 2)^2 seeds, at least 3.
     assert [ablations.seeds_needed(s) for s in (0.5, 1.0, 1.5, 2.0, float("nan"))] == [3, 3, 5, 8, 3]
@@ -296,7 +312,10 @@ def test_the_report_is_the_final_evaluations_of_the_clean_runs(tmp_path, capsys)
         values[name] = np.array([100.0 * final[name, s]["segm_AP"] for s in seeds])
     measured = study["effects"][0]["measured"]["segm_AP"]
     assert measured["delta"] == pytest.approx(values["align"].mean() - values["pool"].mean())
-    assert measured["se"] == pytest.approx(np.sqrt((values["align"].var(ddof=1) + values["pool"].var(ddof=1)) / 3))
+    assert measured["paired"]  # both ran seeds 0, 1, 2
+    assert measured["se"] == pytest.approx((values["align"] - values["pool"]).std(ddof=1) / np.sqrt(3))
+    assert measured["se_unpaired"] == pytest.approx(
+        np.sqrt((values["align"].var(ddof=1) + values["pool"].var(ddof=1)) / 3))
     assert study["effects"][0]["paper"]["segm_AP"] == pytest.approx(7.3)
     report = out.read_text()
     assert "**Left out (edited tree or unknown commit):** test/base seed 3." in report
