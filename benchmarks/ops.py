@@ -89,9 +89,43 @@ def table2c_variants(multilevel, output, aligned):
     }
 
 
+def group_norm_rows(record):
+    """GroupNorm (32 groups) forward and backward into the input, weight and bias: ours (layers/norm.py, its
+    backward written out) and autodiff of the textbook normalisation, each beside torch's group_norm with autograd.
+    Its own random stream, so that the rows before it keep their inputs."""
+    from maskrcnn_jax.layers.norm import group_norm
+
+    rng = np.random.default_rng(2)
+
+    def textbook(x, weight, bias, groups, eps, dtype):
+        grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+        mean = grouped.mean(axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axes, keepdims=True)
+        return (((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape) * weight + bias).astype(dtype)
+
+    for label, shape in (("the demo's layer1: 4 x 48x48, C=64", (4, 48, 48, 64)),
+                         ("an FPN P2 of 800x1344: 200x336, C=256", (1, 200, 336, 256))):
+        x = rng.standard_normal(shape).astype(np.float32) * 2 + 1
+        weight, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+        cotangent = rng.standard_normal(shape).astype(np.float32)
+        leaves = [torch.from_numpy(a.copy()).requires_grad_() for a in (x.transpose(0, 3, 1, 2), weight, bias)]
+        theirs = torch_forward_backward_time(
+            lambda: torch.nn.functional.group_norm(leaves[0], 32, leaves[1], leaves[2], 1e-5), leaves,
+            torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy()))
+        for name, norm in (("group_norm fwd+bwd", group_norm), ("group_norm by autodiff fwd+bwd", textbook)):
+            def forward_backward(x, weight, bias, cotangent, norm=norm):
+                _, vjp = jax.vjp(lambda *a: norm(*a, 32, 1e-5, jnp.float32), x, weight, bias)
+                return vjp(cotangent)
+
+            compile_s, ours = time_jax(forward_backward, x, weight, bias, cotangent)
+            record(name, label, ours, theirs, compile_s)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Times each op against torchvision.")
-    parser.add_argument("--only", choices=["roi"], help="time only these rows and print them; RESULTS.md is left alone")
+    parser.add_argument("--only", choices=["roi", "norm"],
+                        help="time only these rows and print them; RESULTS.md is left alone")
     args = parser.parse_args(argv)
     commit = head_commit()
     rng = np.random.default_rng(0)
@@ -103,6 +137,10 @@ def main(argv=None):
         rows.append((name, size, ours * 1e3, theirs * 1e3, ours / theirs, compile_s))
         print(f"{name:40s} {size:44s} ours {ours * 1e3:9.2f} ms  torchvision {theirs * 1e3:9.2f} ms  "
               f"ratio {ours / theirs:5.2f}  compile {compile_s:5.1f} s", flush=True)
+
+    if args.only == "norm":
+        group_norm_rows(record)
+        return
 
     # -- RoIAlign: 1,000 boxes on the P2-P5 levels of an 800x1344 input, C=256 -------------------------------
     levels_np = [rng.standard_normal((1, 256, *feature_map_size(IMAGE, s))).astype(np.float32) for s in STRIDES]
@@ -238,6 +276,9 @@ def main(argv=None):
     theirs = torch_time(lambda: paste_masks_in_image(masks_t, det_t, IMAGE) > 0.5)
     record("paste_masks", "100 masks 28x28 into 800x1344", ours, theirs, compile_s)
 
+    # -- GroupNorm ------------------------------------------------------------------------------------------
+    group_norm_rows(record)
+
     table = [
         "| op | size | ours (ms) | torchvision (ms) | ours / torchvision | our compile (s) |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -250,6 +291,9 @@ def main(argv=None):
         f"Machine: {machine_line()}.",
         "Ours is jit-compiled and timed in steady state (median of 7, compile excluded); torchvision runs its CPU",
         "kernels eagerly on the same arrays. A ratio below 1 means ours is faster.",
+        "torchvision has neither a max reduction nor RoIWarp, so the `max` and `roi_warp` rows sit beside its RoIAlign",
+        "(avg, the same samples per bin). The GroupNorm rows sit beside torch's `group_norm` with autograd; the",
+        "autodiff row is the textbook normalisation differentiated by JAX, which layers/norm.py replaced.",
         "",
         *table,
     ])
