@@ -100,7 +100,8 @@ def _spatial(per_sample_channel, ndim):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm(x, weight, bias, num_groups, eps, dtype):
     """PyTorch's GroupNorm over [B, ..., C]: statistics per sample over the spatial axes and the group's channels,
-    in float32; the output in ``dtype``."""
+    in float32; the output in ``dtype``. A ``jax.custom_vjp``: reverse mode (``grad``, ``vjp``) and ``vmap``, not
+    forward mode (``jvp``), as layers/conv.py."""
     return _group_norm_forward(x, weight, bias, num_groups, eps, dtype)[0]
 
 
