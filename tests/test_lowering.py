@@ -77,6 +77,9 @@ EVERY_PLATFORM = {
         "instead of one zero-filled buffer per term, summed. Not a CPU-only algorithm; whether the chain is also no "
         "slower on a GPU is the 'XLA's transpose' row of benchmarks/accelerator.py. A platform_dependent inside the "
         "per-image vmap changes the compiled CPU program, so switching needs more than a one-line dispatch"),
+    ("maskrcnn_jax.layers.norm", "group_norm"): (
+        "GroupNorm's closed-form backward (one reduction and one multiply-add pass): the same arithmetic as autodiff's "
+        "in fewer passes over the activations, not a CPU-specific algorithm"),
 }
 
 # Ops that lower a platform_dependent choice or reshape a value, not computation (see the module docstring).
