@@ -70,7 +70,7 @@ def peak_breakdown(live_range_text):
     return peak, totals
 
 
-def compile_step(config_path, model_name, height, width, dump_dir):
+def compile_step(config_path, model_name, height, width):
     """Compiles benchmarks/model.py's train step on abstract variables; returns its CompiledMemoryStats."""
     import jax
 
@@ -104,7 +104,7 @@ def main():
         # Before JAX starts its backend: XLA reads its flags once.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*").strip()
-        stats = compile_step(args.config, args.model, args.height, args.width, dump_dir)
+        stats = compile_step(args.config, args.model, args.height, args.width)
         dumps = sorted(pathlib.Path(dump_dir).glob("*train_step*live-range.txt"))
         if not dumps:
             raise SystemExit(f"XLA wrote no live-range dump into {dump_dir}")
