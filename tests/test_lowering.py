@@ -80,6 +80,9 @@ EVERY_PLATFORM = {
     ("maskrcnn_jax.layers.norm", "group_norm"): (
         "GroupNorm's closed-form backward (one reduction and one multiply-add pass): the same arithmetic as autodiff's "
         "in fewer passes over the activations, not a CPU-specific algorithm"),
+    ("maskrcnn_jax.layers.activation", "bit_mask_relu"): (
+        "autodiff's exact gradient from packed sign bits instead of a kept float map: a memory saving for any "
+        "backend whose fusion recomputes the ReLU's input from the conv output, not a CPU-specific algorithm"),
 }
 
 # Ops that lower a platform_dependent choice or reshape a value, not computation (see the module docstring).

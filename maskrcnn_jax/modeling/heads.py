@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from maskrcnn_jax.layers.activation import bit_mask_relu
 from maskrcnn_jax.layers.conv import Conv
 from maskrcnn_jax.layers.deconv import Deconv2x2
 
@@ -34,8 +35,8 @@ class BoxHead(nn.Module):
     def __call__(self, roi_features):
         """roi_features [..., R, 7, 7, C] -> logits [..., R, num_classes], deltas [..., R, num_classes, 4]."""
         x = roi_features.reshape(*roi_features.shape[:-3], -1)
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc6")(x))
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc7")(x))
+        x = bit_mask_relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc6")(x))
+        x = bit_mask_relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc7")(x))
         logits = nn.Dense(
             self.num_classes, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, name="cls_score"
         )(x)
@@ -69,7 +70,7 @@ def conv_relu_stack(x, count: int, features: int, name: str, dtype):
     """`count` x (3x3 conv of `features` channels, ReLU), the convs named {name}1..{name}{count}: the towers of the
     mask and keypoint heads. Call it from a compact module's __call__, which then owns the convs."""
     for i in range(count):
-        x = nn.relu(Conv(features, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype, name=f"{name}{i + 1}")(x))
+        x = bit_mask_relu(Conv(features, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype, name=f"{name}{i + 1}")(x))
     return x
 
 
@@ -90,7 +91,7 @@ class FCNMaskHead(nn.Module):
         x = conv_relu_stack(roi_features.reshape(-1, *roi_features.shape[-3:]), self.num_convs, self.conv_dim,
                             "mask_fcn", self.dtype)
         x = Deconv2x2(self.conv_dim, kernel_init=conv_init, dtype=self.dtype, name="conv5_mask")(x)
-        x = nn.relu(x)
+        x = bit_mask_relu(x)
         x = Conv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
                  name="mask_fcn_logits")(x)
         return x.reshape(*lead, *x.shape[1:]).astype(jnp.float32)
@@ -108,8 +109,8 @@ class MLPMaskHead(nn.Module):
     @nn.compact
     def __call__(self, roi_features):
         x = roi_features.reshape(*roi_features.shape[:-3], -1)
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc1")(x))
-        x = nn.relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc2")(x))
+        x = bit_mask_relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc1")(x))
+        x = bit_mask_relu(nn.Dense(self.fc_dim, kernel_init=fc_init, dtype=self.dtype, name="fc2")(x))
         x = nn.Dense(self.mask_size * self.mask_size * self.num_masks, kernel_init=nn.initializers.normal(0.001),
                      dtype=self.dtype, name="mask_logits")(x)
         return x.reshape(*x.shape[:-1], self.mask_size, self.mask_size, self.num_masks).astype(jnp.float32)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.layers.activation import bit_mask_relu
 from maskrcnn_jax.layers.conv import Conv
 from maskrcnn_jax.layers.norm import make_norm
 from maskrcnn_jax.layers.pooling import max_pool
@@ -80,6 +81,12 @@ def frozen_param_mask(resnet_params, freeze_at: int):
     }
 
 
+def relu_after(norm: str):
+    """The ReLU to put after this norm: bit_mask_relu after FrozenBN, which keeps nothing for its backward, so that
+    the conv output need not be kept either; nn.relu after BN and GN, whose backward keeps it anyway."""
+    return bit_mask_relu if norm == "frozen_bn" else nn.relu
+
+
 def _conv(features, kernel, stride, dtype, name, groups=1):
     # Symmetric padding kernel // 2 on both sides, as PyTorch (7x7 -> 3, 3x3 -> 1, 1x1 -> 0).
     pad = kernel // 2
@@ -115,12 +122,13 @@ class BasicBlock(nn.Module):
         def norm(name):
             return make_norm(self.norm, train=self.train, eps=self.norm_eps, dtype=self.dtype, name=name)
 
-        out = nn.relu(norm("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
+        relu = relu_after(self.norm)
+        out = relu(norm("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
         out = norm("bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(out))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             shortcut = norm("downsample_bn")(_conv(self.planes, 1, self.stride, self.dtype, "downsample_conv")(x))
-        return nn.relu(out + shortcut)
+        return relu(out + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -148,13 +156,14 @@ class Bottleneck(nn.Module):
         stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
         out_planes = self.planes * self.expansion
         width = self.planes * self.width_per_group // 64 * self.groups
-        out = nn.relu(norm("bn1")(_conv(width, 1, stride_1x1, self.dtype, "conv1")(x)))
-        out = nn.relu(norm("bn2")(_conv(width, 3, stride_3x3, self.dtype, "conv2", self.groups)(out)))
+        relu = relu_after(self.norm)
+        out = relu(norm("bn1")(_conv(width, 1, stride_1x1, self.dtype, "conv1")(x)))
+        out = relu(norm("bn2")(_conv(width, 3, stride_3x3, self.dtype, "conv2", self.groups)(out)))
         out = norm("bn3")(_conv(out_planes, 1, 1, self.dtype, "conv3")(out))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != out_planes:
             shortcut = norm("downsample_bn")(_conv(out_planes, 1, self.stride, self.dtype, "downsample_conv")(x))
-        return nn.relu(out + shortcut)
+        return relu(out + shortcut)
 
 
 def residual_blocks(x, *, block_kind, num_blocks, planes, stride, stride_in_1x1=False, groups=1,
@@ -248,7 +257,7 @@ class ResNet(nn.Module):
         x = images.astype(self.dtype)
         x = _conv(64, 7, 2, self.dtype, "conv1")(x)
         x = make_norm(self.norm, train=stage_train("bn1"), eps=self.norm_eps, dtype=self.dtype, name="bn1")(x)
-        x = nn.relu(x)
+        x = relu_after(self.norm)(x)
         x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)

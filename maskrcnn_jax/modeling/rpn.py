@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax import ops
+from maskrcnn_jax.layers.activation import bit_mask_relu
 from maskrcnn_jax.layers.conv import Conv
 
 # torchvision RPNHead / detectron2 StandardRPNHead init.
@@ -56,7 +57,7 @@ class RPNHead(nn.Module):
         bbox_pred = Conv(4 * self.num_anchors, (1, 1), name="bbox_pred", **conv_options)
         logits, deltas = [], []
         for feature in features:
-            hidden = nn.relu(conv(feature))
+            hidden = bit_mask_relu(conv(feature))
             batch = feature.shape[0]
             # Anchor order is location-major then anchor, as ops.generate_anchors lays them out.
             logits.append(cls_logits(hidden).reshape(batch, -1))
