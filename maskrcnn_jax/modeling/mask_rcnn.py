@@ -276,9 +276,7 @@ class MaskRCNN(nn.Module):
             return on_prefix(sizes[0])(self, *operands)
         num_positive = jnp.max(jnp.sum(sampled["positive"][:, :num_positive_rois], axis=1))
         bucket = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), num_positive), len(sizes) - 1)
-        # Each branch is rematerialised: the backward of a switch takes the union of every branch's residuals (JAX
-        # fills the others' with zeros), which would keep all buckets' activations, 16 + 32 + 64 + 128 RoIs' worth.
-        return nn.switch(bucket, [nn.remat(on_prefix(size)) for size in sizes], self, *operands)
+        return nn.switch(bucket, [on_prefix(size) for size in sizes], self, *operands)
 
     def _positive_roi_losses_on_prefix(self, size, pyramid, sampled, ground_truth, res5_features=None):
         c = self.config
