@@ -70,7 +70,8 @@ def conv_relu_stack(x, count: int, features: int, name: str, dtype):
     """`count` x (3x3 conv of `features` channels, ReLU), the convs named {name}1..{name}{count}: the towers of the
     mask and keypoint heads. Call it from a compact module's __call__, which then owns the convs."""
     for i in range(count):
-        x = bit_mask_relu(Conv(features, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype, name=f"{name}{i + 1}")(x))
+        conv = Conv(features, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype, name=f"{name}{i + 1}")
+        x = bit_mask_relu(conv(x))
     return x
 
 
