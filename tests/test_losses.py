@@ -9,6 +9,7 @@ from maskrcnn_jax.ops.losses import (
     smooth_l1_loss,
     softmax_cross_entropy,
     softmax_mask_loss,
+    softmax_mask_probability,
 )
 
 RTOL = 1e-5
@@ -146,6 +147,38 @@ def test_softmax_mask_loss_with_one_class_is_sigmoid_bce(rng):
     softmax = softmax_mask_loss(logits, targets, np.ones(4, np.int32), valid)
     sigmoid = sigmoid_binary_cross_entropy(logits[..., 1] - logits[..., 0], targets, valid)
     np.testing.assert_allclose(float(softmax), float(sigmoid), rtol=RTOL)
+
+
+def test_softmax_mask_probability_matches_torch_softmax(rng):
+    torch = pytest.importorskip("torch")
+    logits = _logits(rng, (2, 3, 7, 7, 5), scale=3.0)  # [B, D, m, m, K + 1]
+    classes = rng.integers(1, 5, (2, 3))
+    p = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=-1).numpy()
+    p_class = np.take_along_axis(p, classes[..., None, None, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(softmax_mask_probability(logits, classes, "class_probability"), p_class,
+                               rtol=RTOL, atol=ATOL)
+    versus_background = softmax_mask_probability(logits, classes, "versus_background")
+    np.testing.assert_allclose(versus_background, p_class / (p_class + p[..., 0]), rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(versus_background, softmax_mask_probability(logits, classes))  # the default
+    # Other object classes do not enter class-versus-background, only p[c]'s share of all K + 1 outcomes.
+    others = np.arange(5) != 0
+    others = others & (np.arange(5) != classes[..., None, None, None])
+    shifted = logits + 5.0 * others
+    np.testing.assert_allclose(softmax_mask_probability(shifted, classes), versus_background, rtol=RTOL, atol=ATOL)
+    assert np.all(np.asarray(softmax_mask_probability(shifted, classes, "class_probability")) < p_class)
+
+
+def test_softmax_mask_probability_is_exact_where_class_and_background_are_both_unlikely():
+    # Another class takes nearly all the mass: p[c] and p[0] are ~e^-100, their ratio still e^1 / (e^1 + 1).
+    logits = np.zeros((1, 1, 1, 3), np.float32)
+    logits[..., 1], logits[..., 2] = 1.0, 100.0
+    got = softmax_mask_probability(logits, np.array([1]))
+    np.testing.assert_allclose(got, [[[np.e / (np.e + 1)]]], rtol=RTOL)
+
+
+def test_softmax_mask_probability_rejects_unknown_decodings():
+    with pytest.raises(ValueError, match="versus_background"):
+        softmax_mask_probability(np.zeros((1, 2, 2, 3), np.float32), np.array([1]), "argmax")
 
 
 def _all_losses(logits_k, logits_2d, targets_2d, classes, deltas, valid_rois):

@@ -254,6 +254,36 @@ def test_overfits_two_images_and_finds_every_object(tiny, rng):
             assert candidates and max(candidates) >= 0.8, (i, label, candidates)
 
 
+@pytest.mark.parametrize("decoding", ["versus_background", "class_probability"])
+def test_softmax_masks_are_decoded_as_configured(tiny, rng, decoding):
+    # The per-class heads of both mask losses have the same parameters, so the tiny model's serve a softmax config.
+    _, variables = tiny
+    config = tiny_config()
+    config.roi_heads.mask_loss = "softmax"
+    config.roi_heads.softmax_mask_decoding = decoding
+    model = build_model(config)
+
+    def predict_and_mask_logits(module, images, sizes):
+        out = module.predict(images, sizes)
+        pyramid = module._pooled_levels(module._features(images, train=False))
+        return out, module.mask_head(module._mask_features(pyramid, out["boxes"], train=False))
+
+    images = rng.normal(0, 1, (1, *CANVAS, 3)).astype(np.float32)
+    out, logits = jax.jit(lambda v, i, s: model.apply(v, i, s, method=predict_and_mask_logits))(
+        variables, images, jnp.asarray([CANVAS], jnp.int32))
+    p = jax.nn.softmax(np.asarray(logits, np.float64), axis=-1)
+    p_class = np.take_along_axis(p, np.asarray(out["classes"])[..., None, None, None], axis=-1)[..., 0]
+    want = p_class / (p_class + p[..., 0]) if decoding == "versus_background" else p_class
+    np.testing.assert_allclose(out["masks"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_softmax_mask_decoding_is_an_error():
+    config = tiny_config()
+    config.roi_heads.softmax_mask_decoding = "argmax"
+    with pytest.raises(ValueError, match="softmax_mask_decoding"):
+        build_model(config).init(jax.random.key(0), jnp.zeros((1, *CANVAS, 3)), jnp.asarray([CANVAS], jnp.int32))
+
+
 def overfit_losses(config, batch, steps):
     """The training losses of `steps` Adam steps on one fixed batch, from the tiny model's fixed initialisation."""
     model = build_model(config)

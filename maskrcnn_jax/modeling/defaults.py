@@ -67,6 +67,8 @@ def model_config() -> ml_collections.ConfigDict:
     c.roi_heads.mask_conv_dim = 256
     c.roi_heads.mask_num_convs = 4  # c4: 0 (the transposed conv reads res5 directly)
     c.roi_heads.mask_loss = "sigmoid"  # sigmoid | softmax
+    # softmax masks at inference: versus_background (p[c] / (p[c] + p[0])) | class_probability (p[c]); ops.losses
+    c.roi_heads.softmax_mask_decoding = "versus_background"
     c.roi_heads.class_agnostic_mask = False
     # The mask head runs on the smallest of this many prefix sizes (128, 64, 32, 16) that holds every positive RoI
     # of the batch; 1 = always the full batch_size_per_image * positive_fraction. Same loss either way.

@@ -51,6 +51,9 @@ class MaskRCNN(nn.Module):
             raise ValueError(f"roi_heads.mask_loss must be 'sigmoid' or 'softmax', got {c.roi_heads.mask_loss!r}")
         if c.roi_heads.mask_loss == "softmax" and c.roi_heads.class_agnostic_mask:
             raise ValueError("a softmax mask loss needs one mask per class; it cannot be class-agnostic")
+        if c.roi_heads.softmax_mask_decoding not in ops.SOFTMAX_MASK_DECODINGS:
+            raise ValueError(f"roi_heads.softmax_mask_decoding must be one of {ops.SOFTMAX_MASK_DECODINGS}, "
+                             f"got {c.roi_heads.softmax_mask_decoding!r}")
         dtype = DTYPES[c.dtype]
         b = c.backbone
         resnet = dict(depth=b.depth, norm=b.norm, stride_in_1x1=b.stride_in_1x1, groups=b.groups,
@@ -345,7 +348,7 @@ class MaskRCNN(nn.Module):
         if c.mask_on:
             mask_logits = self.mask_head(self._mask_features(pyramid, boxes, train=False))
             if c.roi_heads.mask_loss == "softmax":
-                out["masks"] = self._select_mask_channel(jax.nn.softmax(mask_logits, axis=-1), classes)
+                out["masks"] = ops.softmax_mask_probability(mask_logits, classes, c.roi_heads.softmax_mask_decoding)
             else:
                 out["masks"] = jax.nn.sigmoid(self._select_mask_channel(mask_logits, classes))
         if c.keypoint_on:

@@ -19,11 +19,13 @@ from maskrcnn_jax.ops.keypoints import (
     keypoint_targets,
 )
 from maskrcnn_jax.ops.losses import (
+    SOFTMAX_MASK_DECODINGS,
     sigmoid_binary_cross_entropy,
     sigmoid_mask_loss,
     smooth_l1_loss,
     softmax_cross_entropy,
     softmax_mask_loss,
+    softmax_mask_probability,
 )
 from maskrcnn_jax.ops.masks import (
     crop_masks_to_boxes,
