@@ -147,9 +147,9 @@ def softmax_mask_probability(mask_logits, classes, decoding="versus_background")
 
     versus_background: p[c] / (p[c] + p[0]), class c against background at each pixel, so the 0.5 cut keeps the
       pixels where c beats background. Which class the object is stays the box classifier's decision, as for the
-      sigmoid masks: early in training the mask head has learnt object against background well before it tells
-      the classes apart, and inside an object p[c] then sits near 1 / (K + 1), so cutting p[c] itself at 0.5 leaves
-      empty masks (the ablation suite's softmax run at 300 steps: mask AP 0.0 that way, 9.0 with this decoding, box
+      sigmoid masks: early in training the mask head is sure of background outside an object before it tells the
+      classes apart inside it, where p[c] then sits near 1 / (K + 1), so cutting p[c] itself at 0.5 leaves empty
+      masks (the ablation suite's softmax run at 300 steps: mask AP 0.0 that way, 9.0 with this decoding, box
       AP 16.9 both; experiments/RESULTS.md).
     class_probability: p[c] itself, the class's share of all K + 1 outcomes.
     """
