@@ -100,6 +100,7 @@ def run_ours(sources, config, warmup, steps, data_threads):
 
     from maskrcnn_jax import ops, train
     from maskrcnn_jax.data import coco_dataset, pipeline
+    from maskrcnn_jax.layers.compile_options import compiler_options
     from maskrcnn_jax.data.options import InputOptions
     from maskrcnn_jax.engine import checkpointing, parallel
     from maskrcnn_jax.modeling import build_model
@@ -152,7 +153,7 @@ def run_ours(sources, config, warmup, steps, data_threads):
                              method=lambda module, x, train: module._features(x, train))
         return sum(jnp.sum(level) for level in levels)
 
-    backbone_grad = jax.jit(jax.grad(backbone_sum))
+    backbone_grad = jax.jit(jax.grad(backbone_sum), compiler_options=compiler_options())
     images = ops.normalize_canvas(cached[0]["image"], cached[0]["image_size"], config.data.pixel_mean,
                                   config.data.pixel_std)
     jax.block_until_ready(backbone_grad(box["state"].params, images))

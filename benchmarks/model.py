@@ -171,6 +171,8 @@ def our_train_step(model):
     import jax
     import optax
 
+    from maskrcnn_jax.layers.compile_options import compiler_options
+
     optimizer = optax.sgd(0.01, momentum=0.9)
 
     def train_step(variables, opt_state, batch, key):
@@ -183,7 +185,7 @@ def our_train_step(model):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return {**variables, "params": optax.apply_updates(params, updates)}, opt_state, loss
 
-    return jax.jit(train_step, donate_argnums=(0, 1)), optimizer
+    return jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options()), optimizer
 
 
 def run_ours(model_name, weights_dir, repeats):
@@ -191,6 +193,7 @@ def run_ours(model_name, weights_dir, repeats):
     import jax
     import numpy as np
 
+    from maskrcnn_jax.layers.compile_options import compiler_options
     from maskrcnn_jax.modeling import build_model
     from maskrcnn_jax.serving.keypoints import heatmaps_to_keypoints
 
@@ -201,7 +204,7 @@ def run_ours(model_name, weights_dir, repeats):
     with np.load(weights_dir / "ours.npz") as weights:
         variables = jax.device_put(flax.traverse_util.unflatten_dict(dict(weights), sep="/"))
     train_step, optimizer = our_train_step(model)
-    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method=model.predict))
+    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method=model.predict), compiler_options=compiler_options())
     opt_state = optimizer.init(variables["params"])
     key = jax.random.key(1)
 
@@ -273,6 +276,7 @@ def run_ours_inference(config_file, repeats):
     import numpy as np
 
     from maskrcnn_jax import config as config_lib
+    from maskrcnn_jax.layers.compile_options import compiler_options
     from maskrcnn_jax.modeling import build_model
 
     config = config_lib.load(ROOT / config_file).model
@@ -281,7 +285,7 @@ def run_ours_inference(config_file, repeats):
     image = np.random.default_rng(0).standard_normal((1, HEIGHT, WIDTH, 3)).astype(np.float32)
     sizes = np.array([[HEIGHT, WIDTH]], np.int32)
     variables = damp_residual_branches(jax.jit(model.init)(jax.random.key(0), image, sizes))
-    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method=model.predict))
+    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method=model.predict), compiler_options=compiler_options())
     start = time.perf_counter()
     compiled = predict.lower(variables, image, sizes).compile()
     compile_seconds = time.perf_counter() - start

@@ -26,6 +26,7 @@ from maskrcnn_jax import ops
 from maskrcnn_jax.data.options import InputOptions
 from maskrcnn_jax.engine import checkpointing, optim, parallel, progress, workdir as workdir_lib
 from maskrcnn_jax.engine.checkpointing import TrainState
+from maskrcnn_jax.layers.compile_options import compiler_options
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, build_model
 
 # The fields of a training batch the model reads; the rest (image ids, geometry) stays on the host.
@@ -98,14 +99,16 @@ def jit_train_step(model: MaskRCNN, tx: optax.GradientTransformation, config: ml
                              pixel_std=tuple(config.data.pixel_std))
     replicated = parallel.replicated(mesh)
     return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+                   out_shardings=(replicated, replicated), donate_argnums=0,
+                   compiler_options=compiler_options())
 
 
 def make_predict_fn(model: MaskRCNN, mesh: Mesh) -> Callable:
     """predict(variables, this process' rows of an eval batch) -> this process' rows of MaskRCNN.predict."""
     batch = parallel.batch_sharded(mesh)
     network = jax.jit(lambda variables, images, sizes: model.apply(variables, images, sizes, method=model.predict),
-                      in_shardings=(parallel.replicated(mesh), batch, batch), out_shardings=batch)
+                      in_shardings=(parallel.replicated(mesh), batch, batch), out_shardings=batch,
+                      compiler_options=compiler_options())
 
     def predict(variables, local_batch):
         inputs = parallel.global_batch(local_batch, mesh, ("image", "image_size"))

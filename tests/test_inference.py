@@ -353,20 +353,22 @@ def test_the_exported_model_matches_the_predictor(predictor, tmp_path, rng):
         assert_results_equal(expected, actual)
 
 
-def test_the_exported_model_runs_from_four_copied_files_without_the_package(predictor, tmp_path, rng):
-    """serving/exported_model.py, serving/host.py, serving/keypoints.py and data/image_resize.py, copied next to a
-    server, run an export with the package made unimportable, and give the Predictor's results."""
+def test_the_exported_model_runs_from_five_copied_files_without_the_package(predictor, tmp_path, rng):
+    """serving/exported_model.py, serving/host.py, serving/keypoints.py, data/image_resize.py and
+    layers/compile_options.py, copied next to a server, run an export with the package made unimportable, and give
+    the Predictor's results."""
     import shutil
     import subprocess
     import sys
 
     from maskrcnn_jax.data import image_resize
+    from maskrcnn_jax.layers import compile_options
     from maskrcnn_jax.serving import exported_model, keypoints
 
     out = export_predictor(predictor, str(tmp_path / "exported"))
     server = tmp_path / "server"
     server.mkdir()
-    for module in (exported_model, inference_io, image_resize, keypoints):
+    for module in (exported_model, inference_io, image_resize, keypoints, compile_options):
         shutil.copy(module.__file__, server)
     image = photo(rng, 90, 70)
     np.save(tmp_path / "image.npy", image)

@@ -6,7 +6,7 @@
 An export directory holds model_<H>x<W>.stablehlo per canvas (jax.export's serialized StableHLO of the network on
 that canvas, taking the weights as its first argument), weights.npz (the weights, once) and inference.json (canvas
 rule, resize, normalisation, mask threshold, batch size, label map and keypoint names). This file, serving/host.py,
-serving/keypoints.py and data/image_resize.py are all a server needs.
+serving/keypoints.py, data/image_resize.py and layers/compile_options.py are all a server needs.
 
 Each image runs on the canvas the spec gives it (host.InferenceSpec.canvas_for), so the results equal the
 Predictor's. An image whose canvas was not exported runs on the smallest exported canvas that holds it (a warning
@@ -24,9 +24,11 @@ import jax
 import numpy as np
 
 try:
+    from maskrcnn_jax.layers.compile_options import compiler_options
     from maskrcnn_jax.serving import host
-except ImportError:  # copied out of the package, next to host.py
+except ImportError:  # copied out of the package, next to host.py and compile_options.py
     import host
+    from compile_options import compiler_options
 
 SPEC_FILE = "inference.json"
 WEIGHTS_FILE = "weights.npz"
@@ -78,5 +80,6 @@ class ExportedModel(host.ImagePredictor):
         canvas = tuple(int(v) for v in canvases.shape[1:3])
         if canvas not in self._calls:
             with open(os.path.join(self.directory, model_file(canvas)), "rb") as f:
-                self._calls[canvas] = jax.jit(jax.export.deserialize(bytearray(f.read())).call)
+                self._calls[canvas] = jax.jit(jax.export.deserialize(bytearray(f.read())).call,
+                                                compiler_options=compiler_options())
         return jax.device_get(self._calls[canvas](self.weights, canvases, image_sizes))

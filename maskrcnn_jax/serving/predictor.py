@@ -26,6 +26,7 @@ from absl import logging
 from maskrcnn_jax.data.coco_format import CategoryMap
 from maskrcnn_jax.data.keypoints import KeypointSchema
 from maskrcnn_jax.engine import checkpointing, workdir as workdir_lib
+from maskrcnn_jax.layers.compile_options import compiler_options
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 from maskrcnn_jax.serving import host
 
@@ -53,7 +54,7 @@ class Predictor(host.ImagePredictor):
         self.spec = spec_from_config(config, categories, batch_size, self.keypoint_schema)
         self.variables = jax.device_put({"params": variables["params"],
                                          "batch_stats": variables.get("batch_stats", {})})
-        self._network = jax.jit(self.network)
+        self._network = jax.jit(self.network, compiler_options=compiler_options())
         self._compiled: dict[tuple[int, ...], Any] = {}  # canvases' shape [B, H, W, 3] -> compiled network
 
     @classmethod
