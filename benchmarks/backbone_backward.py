@@ -56,9 +56,12 @@ def main():
 
     options = compiler_options()
     forward = jax.jit(feature_sum, compiler_options=options)
+    backward = jax.jit(jax.grad(feature_sum), compiler_options=options)
     print(f"ours backbone forward           {steady(forward, params, stats, image):6.2f} s")
-    print(f"ours backbone forward+backward  "
-          f"{steady(jax.jit(jax.grad(feature_sum), compiler_options=options), params, stats, image):6.2f} s")
+    print(f"ours backbone forward+backward  {steady(backward, params, stats, image):6.2f} s")
+    # What layers/compile_options.py changes: XLA's default options put the convolutions in YNNPACK.
+    print(f"  the same two, XLA's defaults  {steady(jax.jit(feature_sum), params, stats, image):6.2f} s, "
+          f"{steady(jax.jit(jax.grad(feature_sum)), params, stats, image):6.2f} s")
     with xla_conv_backward():
         seconds = steady(jax.jit(jax.grad(feature_sum), compiler_options=options), params, stats, image)
     print(f"  the same, XLA's conv backward {seconds:6.2f} s")
