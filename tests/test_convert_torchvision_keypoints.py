@@ -75,5 +75,7 @@ def test_top_detections_and_keypoints_equal_torchvisions(keypoint_run):
         assert actual["keypoints"].shape == (len(actual["scores"]), 17, 3)
         np.testing.assert_allclose(actual["keypoints"][:TOP, :, :2], expected["keypoints"][:TOP, :, :2], atol=1.0,
                                    err_msg=name)
+        # Keypoint scores are heatmap logits (up to a few units), so the float32 noise of two convolution libraries
+        # scales with them: relative as well as absolute.
         np.testing.assert_allclose(actual["keypoints"][:TOP, :, 2], expected["keypoints_scores"][:TOP], atol=1e-3,
-                                   err_msg=name)
+                                   rtol=1e-3, err_msg=name)
