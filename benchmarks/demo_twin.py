@@ -100,9 +100,9 @@ def run_ours(sources, config, warmup, steps, data_threads):
 
     from maskrcnn_jax import ops, train
     from maskrcnn_jax.data import coco_dataset, pipeline
-    from maskrcnn_jax.layers.compile_options import compiler_options
     from maskrcnn_jax.data.options import InputOptions
     from maskrcnn_jax.engine import checkpointing, parallel
+    from maskrcnn_jax.layers.compile_options import compiler_options
     from maskrcnn_jax.modeling import build_model
 
     builder = coco_dataset.build(sources)
