@@ -5,7 +5,10 @@ gradient to one whose window is the whole output map, the input gradient to one 
 kernel (and input dilation for strided layers). At the top level of a program YNNPACK takes most of them, though
 still 2-9x slower than the forward pass for large 1x1 and 3x3 layers and 2-4x for strided 3x3 input gradients.
 Inside a ``lax.cond``/``switch`` branch it takes none, and XLA's fallback is 4-200x slower again (a 3x3 256->256
-weight gradient on 16 RoIs of 14x14: 3.8 s against 36 ms). Here a custom VJP computes, on CPU only:
+weight gradient on 16 RoIs of 14x14: 3.8 s against 36 ms). Those figures are under XLA's default options; with
+layers/compile_options.py's, which keep convolutions on XLA's own runtime, R50-FPN's backbone forward and backward at
+800x1344 still takes 7.69 s with XLA's transposes against 5.63 s with these (benchmarks/RESULTS.md). Here a custom
+VJP computes, on CPU only:
 
   - the weight gradient as one matmul per kernel tap (one for 1x1), each reading a shifted strided window of the
     padded input, contracted with the output gradient over batch and output pixels; for a kernel with few input
