@@ -16,7 +16,10 @@ the end. Studies that name the same config and overrides share the run (the C4 b
 RoIAlign row). Extra `--config.a.b=value` flags go to every run; a variant's own overrides win over them.
 
 Resuming: a run is finished when its eval_metrics.jsonl has a line at the final step, and is then skipped; an
-unfinished one resumes from its own checkpoint; a workdir started with other overrides is refused. Each run's
+unfinished one resumes from its own checkpoint; a workdir started with other overrides is refused. A run the
+committed results.json (next to --out) records as finished, at the same budget and extra overrides, is finished too
+when its workdir is gone (a new checkout, another machine): it is skipped, and the report carries its recorded
+metrics and provenance and says which runs it took from there. Each run's
 record (RUNS_DIR/.../ablation_run.json) holds its wall and CPU seconds, the commit it ran and whether the code
 (CODE_PATHS) had uncommitted changes; a run is refused on an edited tree unless --allow_dirty, and the report
 leaves such runs out unless --allow_dirty (then it marks them). The report is rewritten after every run.
@@ -518,15 +521,37 @@ def provenance(record: Mapping[str, Any] | None) -> dict[str, Any]:
             "cpu_seconds": sum(a.get("cpu_seconds") or 0.0 for a in attempts)}
 
 
+def recorded_runs(results_dir: str, num_steps: int, extra: Mapping[str, str]) -> dict[tuple[str, int], dict]:
+    """{(run, seed): entry} of the finished runs that results_dir's results.json records at this budget and these
+    extra overrides: what the report keeps of a run whose workdir is gone."""
+    path = os.path.join(results_dir, RESULTS_NAME)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        previous = json.load(f)
+    if (previous.get("budget") or {}).get("num_steps") != num_steps or previous.get("extra_overrides") != dict(extra):
+        return {}
+    return {(r["run"], r["seed"]): r for r in previous.get("runs", []) if r.get("metrics") is not None}
+
+
 def collect(runs_dir: str, specs: Sequence[RunSpec], seeds: Sequence[int], num_steps: int, results_dir: str,
-            allow_dirty: bool) -> list[dict[str, Any]]:
+            allow_dirty: bool, recorded: Mapping[tuple[str, int], Mapping[str, Any]] = {}) -> list[dict[str, Any]]:
     """Per (run, seed): its final metrics (None when unfinished), minutes, provenance, whether the report counts it
-    (finished, and clean unless allow_dirty), and where its overlays are (relative to results_dir)."""
+    (finished, and clean unless allow_dirty), and where its overlays are (relative to results_dir). A run that is
+    not finished in its workdir but is in `recorded` is that record (marked "recorded": its workdir is gone)."""
     runs = []
     for spec in specs:
         for seed in seeds:
             workdir = run_dir(runs_dir, spec, num_steps, seed)
             metrics = final_metrics(workdir, num_steps)
+            if metrics is None and (spec.name, seed) in recorded:
+                entry = dict(recorded[spec.name, seed])
+                entry["included"] = entry["clean"] or allow_dirty
+                entry["recorded"] = True
+                if entry.get("overlays") and not os.path.isdir(os.path.join(results_dir, entry["overlays"])):
+                    entry["overlays"] = None
+                runs.append(entry)
+                continue
             origin = provenance(read_record(workdir))
             overlays = os.path.join(workdir, "overlays", f"step_{num_steps:08d}")
             runs.append({
@@ -538,6 +563,7 @@ def collect(runs_dir: str, specs: Sequence[RunSpec], seeds: Sequence[int], num_s
                 "cpu_minutes": None if origin["cpu_seconds"] is None else round(origin["cpu_seconds"] / 60.0, 2),
                 "commit": origin["commit"], "code_tree": origin["code_tree"], "clean": origin["clean"],
                 "included": metrics is not None and (origin["clean"] or allow_dirty),
+                "recorded": False,
             })
     return runs
 
@@ -726,6 +752,12 @@ def format_suite(results: Mapping[str, Any]) -> str:
     if left_out:
         lines += ["**Left out (edited tree or unknown commit):** "
                   + ", ".join(f"{r['run']} seed {r['seed']}" for r in left_out) + ".", ""]
+    recorded = [r for r in runs if r.get("recorded")]
+    if recorded:
+        lines += [f"**{len(recorded)} run(s) are carried from the committed results.json** (their workdirs are gone; "
+                  "metrics and provenance as recorded when they finished): "
+                  + "; ".join(f"{run} seed(s) {', '.join(str(r['seed']) for r in recorded if r['run'] == run)}"
+                              for run in dict.fromkeys(r["run"] for r in recorded)) + ".", ""]
     if missing:
         lines += ["**Not finished (not in the tables):** "
                   + ", ".join(f"{r['run']} seed {r['seed']}" for r in missing) + ".", ""]
@@ -903,7 +935,8 @@ def build_results(args: argparse.Namespace, argv: Sequence[str], pairs: Sequence
                   specs: Sequence[RunSpec], budget: Mapping[str, str], extra: Mapping[str, str],
                   num_steps: int) -> dict[str, Any]:
     results_dir = os.path.dirname(os.path.abspath(args.out))
-    runs = collect(args.runs_dir, specs, args.seed_list, num_steps, results_dir, args.allow_dirty)
+    runs = collect(args.runs_dir, specs, args.seed_list, num_steps, results_dir, args.allow_dirty,
+                   args.recorded)
     chosen: dict[str, list[str]] = {}
     for study, variant in pairs:
         chosen.setdefault(study.key, []).append(variant.name)
@@ -1150,9 +1183,10 @@ def parse_args(argv: Sequence[str], studies: Mapping[str, Study]) -> tuple[argpa
 
 
 def train_all(args, specs: Sequence[RunSpec], seeds: Sequence[int], num_steps: int | None, extra: Mapping[str, str],
-              runs_dir: str, smoke: bool = False, after_run=None) -> None:
-    """Trains every (spec, seed) not finished yet, seed-major (when the time runs out, every run has the same number
-    of seeds), calling after_run() after each."""
+              runs_dir: str, smoke: bool = False, after_run=None,
+              recorded: Mapping[tuple[str, int], Any] = {}) -> None:
+    """Trains every (spec, seed) not finished yet (in its workdir or in `recorded`), seed-major (when the time runs
+    out, every run has the same number of seeds), calling after_run() after each."""
     env = run_environment(args.runs_dir)
     code = None
     for seed in seeds:
@@ -1166,6 +1200,9 @@ def train_all(args, specs: Sequence[RunSpec], seeds: Sequence[int], num_steps: i
             label = f"{spec.name} steps {steps} seed {seed}"
             if final_metrics(workdir, steps) is not None:
                 print(f"skip {label}: finished ({workdir})", flush=True)
+                continue
+            if (spec.name, seed) in recorded:
+                print(f"skip {label}: finished, recorded in {RESULTS_NAME} (its workdir is gone)", flush=True)
                 continue
             if args.report_only:
                 print(f"missing {label}: not finished ({workdir})", flush=True)
@@ -1247,10 +1284,14 @@ def main(argv: Sequence[str], studies: Mapping[str, Study] | None = None) -> dic
     budget, run_extra = split_budget(specs[0].config, args.num_steps, extra)
     num_steps = int(budget["train.num_steps"])
 
+    # Read once, before the first report rewrites results.json.
+    args.recorded = recorded_runs(os.path.dirname(os.path.abspath(args.out)), num_steps, run_extra)
+
     def report():
         return write_report(args.out, build_results(args, argv, pairs, specs, budget, run_extra, num_steps))
 
-    train_all(args, specs, args.seed_list, num_steps, extra, args.runs_dir, after_run=report)
+    train_all(args, specs, args.seed_list, num_steps, extra, args.runs_dir, after_run=report,
+              recorded=args.recorded)
     results = report()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     print(f"wrote {args.out}, {os.path.join(out_dir, RESULTS_NAME)} and {os.path.join(out_dir, CHART_NAME)}",

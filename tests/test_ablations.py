@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -401,3 +402,43 @@ def test_a_second_invocation_trains_nothing_and_keeps_the_hand_written_blocks(ti
     assert [os.stat(p).st_mtime_ns for p in metrics_files] == before
     report = report_path.read_text()
     assert "Written by hand." in report and ablations.ANALYSIS_PLACEHOLDER not in report
+
+
+def test_a_finished_run_whose_workdir_is_gone_is_carried_from_results_json(tmp_path, monkeypatch, capsys):
+    """A new checkout has the committed results.json but not the runs' workdirs: the finished runs it records (at the
+    same budget and extra overrides) are not trained again, and the report keeps their metrics and provenance."""
+    runs_dir, out, steps = tmp_path / "runs", tmp_path / "report" / "RESULTS.md", 5
+    rng = np.random.default_rng(1)
+    for variant in TINY.variants:
+        spec = ablations.RunSpec.of(TINY.config, variant.overrides)
+        for seed in range(2):
+            metrics = {k: round(float(v), 4) for k, v in zip(ablations.MASK_METRICS, rng.uniform(0.1, 0.6, 3))}
+            _fabricate(pathlib.Path(ablations.run_dir(str(runs_dir), spec, steps, seed)), [(steps, metrics)])
+    argv = [f"--num_steps={steps}", "--seeds=0,1", f"--runs_dir={runs_dir}", f"--out={out}"]
+    first = ablations.main(argv + ["--report_only"], studies={"tiny": TINY})
+    assert not any(r["recorded"] for r in first["runs"])
+    gone = ablations.run_dir(str(runs_dir), ablations.RunSpec.of(TINY.config, {}), steps, 1)
+    shutil.rmtree(gone)
+
+    started = []
+    monkeypatch.setattr(ablations, "execute_run", lambda *args, **kwargs: started.append(args[1]))
+    capsys.readouterr()
+    second = ablations.main(argv, studies={"tiny": TINY})
+    assert not started
+    assert "skip test/base steps 5 seed 1: finished, recorded in results.json" in capsys.readouterr().out
+    carried = [r for r in second["runs"] if r["recorded"]]
+    assert [(r["run"], r["seed"]) for r in carried] == [("test/base", 1)]
+    before = {(r["run"], r["seed"]): r for r in first["runs"]}
+    assert carried[0]["metrics"] == before["test/base", 1]["metrics"] and carried[0]["included"]
+    assert carried[0]["commit"] == "a" * 40 and carried[0]["minutes"] == before["test/base", 1]["minutes"]
+    assert second["studies"] == first["studies"]
+    assert "**1 run(s) are carried from the committed results.json**" in out.read_text()
+    # The record also survives a second rewrite of results.json.
+    assert [r["recorded"] for r in ablations.main(argv + ["--report_only"], studies={"tiny": TINY})["runs"]] == [
+        False, True, False, False]
+
+    # Another budget or other extra overrides are other runs: nothing is carried, the lost run trains again.
+    with pytest.raises(SystemExit, match="ended without an evaluation"):  # execute_run is stubbed out above
+        ablations.main([f"--num_steps={steps}", "--seeds=1", f"--runs_dir={runs_dir}", f"--out={out}",
+                        "--allow_dirty", "--config.train.base_lr=0.1"], studies={"tiny": TINY})
+    assert started == [gone]
