@@ -442,3 +442,25 @@ def test_a_finished_run_whose_workdir_is_gone_is_carried_from_results_json(tmp_p
         ablations.main([f"--num_steps={steps}", "--seeds=1", f"--runs_dir={runs_dir}", f"--out={out}",
                         "--allow_dirty", "--config.train.base_lr=0.1"], studies={"tiny": TINY})
     assert started == [gone]
+
+
+def test_the_notebook_says_so_when_no_pair_has_its_detections_on_disk(tiny_run, tmp_path, monkeypatch):
+    """Runs carried from a committed results.json have no workdir: the charts still draw, the side-by-side says why
+    it cannot."""
+    import nbformat
+    from nbconvert.preprocessors import ExecutePreprocessor
+
+    _, report_dir, _, _ = tiny_run
+    results = json.loads((report_dir / "results.json").read_text())
+    for run in results["runs"]:
+        run["workdir"] = str(tmp_path / "gone" / run["run"])
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    monkeypatch.setenv("ABLATIONS_RESULTS", str(tmp_path / "results.json"))
+    notebook = nbformat.read(EXPERIMENTS / "ablations.ipynb", as_version=4)
+    ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(
+        notebook, {"metadata": {"path": str(EXPERIMENTS)}})
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2
+    assert "No RoIAlign / RoIPool pair of one seed has its detections on disk" in "".join(
+        o.get("text", "") for o in outputs)
