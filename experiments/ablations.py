@@ -933,10 +933,9 @@ def write_report(out_path: str, results: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_results(args: argparse.Namespace, argv: Sequence[str], pairs: Sequence[tuple[Study, Variant]],
                   specs: Sequence[RunSpec], budget: Mapping[str, str], extra: Mapping[str, str],
-                  num_steps: int) -> dict[str, Any]:
+                  num_steps: int, recorded: Mapping[tuple[str, int], Mapping[str, Any]]) -> dict[str, Any]:
     results_dir = os.path.dirname(os.path.abspath(args.out))
-    runs = collect(args.runs_dir, specs, args.seed_list, num_steps, results_dir, args.allow_dirty,
-                   args.recorded)
+    runs = collect(args.runs_dir, specs, args.seed_list, num_steps, results_dir, args.allow_dirty, recorded)
     chosen: dict[str, list[str]] = {}
     for study, variant in pairs:
         chosen.setdefault(study.key, []).append(variant.name)
@@ -1285,13 +1284,12 @@ def main(argv: Sequence[str], studies: Mapping[str, Study] | None = None) -> dic
     num_steps = int(budget["train.num_steps"])
 
     # Read once, before the first report rewrites results.json.
-    args.recorded = recorded_runs(os.path.dirname(os.path.abspath(args.out)), num_steps, run_extra)
+    recorded = recorded_runs(os.path.dirname(os.path.abspath(args.out)), num_steps, run_extra)
 
     def report():
-        return write_report(args.out, build_results(args, argv, pairs, specs, budget, run_extra, num_steps))
+        return write_report(args.out, build_results(args, argv, pairs, specs, budget, run_extra, num_steps, recorded))
 
-    train_all(args, specs, args.seed_list, num_steps, extra, args.runs_dir, after_run=report,
-              recorded=args.recorded)
+    train_all(args, specs, args.seed_list, num_steps, extra, args.runs_dir, after_run=report, recorded=recorded)
     results = report()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     print(f"wrote {args.out}, {os.path.join(out_dir, RESULTS_NAME)} and {os.path.join(out_dir, CHART_NAME)}",

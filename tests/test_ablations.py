@@ -370,16 +370,21 @@ def test_the_runner_trains_every_variant_and_reports_its_own_evaluations(tiny_ru
         assert chart.width > 300 and chart.height > 200
 
 
-def test_the_notebook_executes_headless_on_the_tiny_results(tiny_run, monkeypatch):
+def _execute_notebook(results_path, monkeypatch) -> list:
+    """experiments/ablations.ipynb executed headless on results_path; its code cells' outputs."""
     import nbformat
     from nbconvert.preprocessors import ExecutePreprocessor
 
-    _, report_dir, _, _ = tiny_run
-    monkeypatch.setenv("ABLATIONS_RESULTS", str(report_dir / "results.json"))
+    monkeypatch.setenv("ABLATIONS_RESULTS", str(results_path))
     notebook = nbformat.read(EXPERIMENTS / "ablations.ipynb", as_version=4)
     ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(
         notebook, {"metadata": {"path": str(EXPERIMENTS)}})
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+
+
+def test_the_notebook_executes_headless_on_the_tiny_results(tiny_run, monkeypatch):
+    _, report_dir, _, _ = tiny_run
+    outputs = _execute_notebook(report_dir / "results.json", monkeypatch)
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # every study beside the paper, the effects, RoIAlign and RoIPool side by side
@@ -447,19 +452,12 @@ def test_a_finished_run_whose_workdir_is_gone_is_carried_from_results_json(tmp_p
 def test_the_notebook_says_so_when_no_pair_has_its_detections_on_disk(tiny_run, tmp_path, monkeypatch):
     """Runs carried from a committed results.json have no workdir: the charts still draw, the side-by-side says why
     it cannot."""
-    import nbformat
-    from nbconvert.preprocessors import ExecutePreprocessor
-
     _, report_dir, _, _ = tiny_run
     results = json.loads((report_dir / "results.json").read_text())
     for run in results["runs"]:
         run["workdir"] = str(tmp_path / "gone" / run["run"])
     (tmp_path / "results.json").write_text(json.dumps(results))
-    monkeypatch.setenv("ABLATIONS_RESULTS", str(tmp_path / "results.json"))
-    notebook = nbformat.read(EXPERIMENTS / "ablations.ipynb", as_version=4)
-    ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(
-        notebook, {"metadata": {"path": str(EXPERIMENTS)}})
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = _execute_notebook(tmp_path / "results.json", monkeypatch)
     assert not [o for o in outputs if o.output_type == "error"]
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2
     assert "No RoIAlign / RoIPool pair of one seed has its detections on disk" in "".join(
