@@ -37,7 +37,8 @@ def steady(fn, *args):
 def xla_conv_backward():
     """Functions traced inside use XLA's transpose rules for every conv (the layers before layers/conv.py)."""
     cpu_gradients = conv.cpu_gradients
-    conv.cpu_gradients = conv.xla_gradients
+    conv.cpu_gradients = lambda x, kernel, grad, *, strides, padding, in_conditional_branch: conv.xla_gradients(
+        x, kernel, grad, strides=strides, padding=padding)
     try:
         yield
     finally:

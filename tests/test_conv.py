@@ -34,6 +34,11 @@ def fast_conv(x, kernel, strides, padding):
     return conv.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=conv.NHWC)
 
 
+def branch_conv(x, kernel, strides, padding):
+    return conv.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=conv.NHWC,
+                                     in_conditional_branch=True)
+
+
 def gradients(conv_fn, x, kernel, cotangent, strides, padding):
     """(input gradient, kernel gradient) of <conv(x, kernel), cotangent>, jitted."""
 
@@ -52,38 +57,33 @@ def random_problem(rng, x_shape, kernel_shape, strides, padding, dtype=jnp.float
     return x, kernel, cotangent
 
 
-@pytest.fixture(params=["patch-bands", "tap-matmuls"])
-def kernel_grad_path(request, monkeypatch):
-    """Both CPU formulations of a k x k kernel gradient. The test cases' few channels take the patch path unless
-    it is switched off; its bands are made a few rows tall, so that several bands and a ragged last one run."""
-    if request.param == "tap-matmuls":
-        monkeypatch.setattr(conv, "MAX_PATCH_SIZE", 0)
-    else:
-        monkeypatch.setattr(conv, "PATCH_BAND_ELEMENTS", 3000)
-    return request.param
+@pytest.fixture(params=["top-level", "in-conditional-branch"])
+def conv_fn(request):
+    """Both CPU formulations of a k x k kernel gradient: XLA's transpose (top level) and one matmul per tap."""
+    return {"top-level": fast_conv, "in-conditional-branch": branch_conv}[request.param]
 
 
 @pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES, ids=IDS)
-def test_forward_and_gradients_match_lax(rng, kernel_grad_path, x_shape, kernel_shape, strides, padding):
+def test_forward_and_gradients_match_lax(rng, conv_fn, x_shape, kernel_shape, strides, padding):
     x, kernel, cotangent = random_problem(rng, x_shape, kernel_shape, strides, padding)
     np.testing.assert_allclose(
-        jax.jit(fast_conv, static_argnums=(2, 3))(x, kernel, strides, padding),
+        jax.jit(conv_fn, static_argnums=(2, 3))(x, kernel, strides, padding),
         reference_conv(x, kernel, strides, padding),
         rtol=1e-6,
         atol=1e-5,
     )
     expected = gradients(reference_conv, x, kernel, cotangent, strides, padding)
-    got = gradients(fast_conv, x, kernel, cotangent, strides, padding)
+    got = gradients(conv_fn, x, kernel, cotangent, strides, padding)
     for name, e, g in zip(("input", "kernel"), expected, got):
         assert g.shape == e.shape and g.dtype == e.dtype, name
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("case", [1, 4], ids=["1x1-s2", "3x3-s2"])
-def test_bfloat16_gradients_within_rounding(rng, kernel_grad_path, case):
+def test_bfloat16_gradients_within_rounding(rng, conv_fn, case):
     x_shape, kernel_shape, strides, padding = CASES[case]
     x, kernel, cotangent = random_problem(rng, x_shape, kernel_shape, strides, padding, jnp.bfloat16)
-    got = gradients(fast_conv, x, kernel, cotangent, strides, padding)
+    got = gradients(conv_fn, x, kernel, cotangent, strides, padding)
     # The float32 gradients of the same bfloat16-rounded numbers.
     exact = gradients(reference_conv, *(a.astype(jnp.float32) for a in (x, kernel, cotangent)), strides, padding)
     for name, g, e in zip(("input", "kernel"), got, exact):
@@ -92,7 +92,7 @@ def test_bfloat16_gradients_within_rounding(rng, kernel_grad_path, case):
         np.testing.assert_allclose(np.asarray(g, np.float32), e, atol=2e-2 * scale, err_msg=name)
 
 
-def test_vmap_over_kernels_and_inputs(rng, kernel_grad_path):
+def test_vmap_over_kernels_and_inputs(rng, conv_fn):
     x = jnp.asarray(rng.standard_normal((3, 2, 9, 9, 4)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)), jnp.float32)
 
@@ -100,7 +100,7 @@ def test_vmap_over_kernels_and_inputs(rng, kernel_grad_path):
         pairing = lambda x, kernel: jnp.sum(jnp.sin(conv_fn(x, kernel, (2, 2), ((1, 1), (1, 1)))))  # noqa: E731
         return jax.jit(jax.vmap(jax.grad(pairing, argnums=(0, 1))))(x, kernel)
 
-    for e, g in zip(per_example_grads(reference_conv), per_example_grads(fast_conv)):
+    for e, g in zip(per_example_grads(reference_conv), per_example_grads(conv_fn)):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
 
 
@@ -165,8 +165,8 @@ def test_accelerators_keep_xla_convolution_backward():
 
 
 def test_gradients_in_a_switch_branch_match_lax_and_use_only_forward_convolutions(rng):
-    # Inside a lax.cond/switch branch XLA's CPU backend runs its own transposed convolutions 4-200x slower than at
-    # the top level; the CPU backward must consist of forward-layout convolutions and matmuls only.
+    # Inside a lax.cond/switch branch XLA's CPU backend runs its own weight-gradient convolutions some 500x slower
+    # than at the top level; there the CPU backward must consist of forward-layout convolutions and matmuls only.
     x, kernel, cotangent = random_problem(rng, (3, 9, 11, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1)))
 
     def branch_grads(conv_fn):
@@ -180,9 +180,10 @@ def test_gradients_in_a_switch_branch_match_lax_and_use_only_forward_convolution
         return jax.jit(grads)
 
     expected = branch_grads(reference_conv)(x, kernel, 0)
-    fast = branch_grads(fast_conv)
-    for e, g in zip(expected, fast(x, kernel, 0)):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
-    hlo = fast.lower(x, kernel, 0).compile().as_text()
-    layouts = set(re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo))
-    assert layouts == {"b01f_01io->b01f"}, layouts
+    for conv_fn, layouts in ((branch_conv, {"b01f_01io->b01f"}), (fast_conv, {"b01f_01io->b01f", "f01b_i01o->01bf"})):
+        fast = branch_grads(conv_fn)
+        for e, g in zip(expected, fast(x, kernel, 0)):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+        hlo = fast.lower(x, kernel, 0).compile().as_text()
+        # The top-level variant's weight gradient is XLA's own: the layout this test keeps out of branches.
+        assert set(re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)) == layouts, conv_fn.__name__

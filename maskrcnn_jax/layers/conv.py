@@ -2,17 +2,18 @@
 
 XLA's CPU backend lowers both gradients of an NHWC convolution to convolutions of unusual shape: the weight
 gradient to one whose window is the whole output map, the input gradient to one with a reversed, in/out-swapped
-kernel (and input dilation for strided layers). At the top level of a program YNNPACK takes most of them, though
-still 2-9x slower than the forward pass for large 1x1 and 3x3 layers and 2-4x for strided 3x3 input gradients.
-Inside a ``lax.cond``/``switch`` branch it takes none, and XLA's fallback is 4-200x slower again (a 3x3 256->256
-weight gradient on 16 RoIs of 14x14: 3.8 s against 36 ms). Those figures are under XLA's default options; with
-layers/compile_options.py's, which keep convolutions on XLA's own runtime, R50-FPN's backbone forward and backward at
-800x1344 still takes 7.69 s with XLA's transposes against 5.63 s with these (benchmarks/RESULTS.md). Here a custom
-VJP computes, on CPU only:
+kernel (and input dilation for strided layers). Under XLA's default options YNNPACK takes most of them at the top
+level of a program, 2-9x slower than the forward pass; with layers/compile_options.py's, which keep convolutions
+on XLA's own runtime, the top-level k x k weight gradient is fast (faster than matmuls per tap: ResNet-18's on the
+demo's batch of 4 at 192 px, 84 against 170 ms), but the 1x1 ones and strided input gradients are still slow.
+Inside a ``lax.cond``/``switch`` branch (the mask and keypoint heads run in one, modeling/mask_rcnn.py) XLA falls
+back to a path some 500x slower for any weight gradient (a 3x3 256->256 on 16 RoIs of 14x14: 7.6 s against 14 ms
+at the top level). Here a custom VJP computes, on CPU only:
 
-  - the weight gradient as one matmul per kernel tap (one for 1x1), each reading a shifted strided window of the
-    padded input, contracted with the output gradient over batch and output pixels; for a kernel with few input
-    channels (the RGB stem) one matmul per band of output rows with the band's whole patch matrix;
+  - the weight gradient of a 1x1 conv as one matmul of the strided input with the output gradient;
+  - the weight gradient of a k x k conv by XLA's own transpose at the top level, and, for convs marked
+    ``in_conditional_branch``, as one matmul per kernel tap, each reading a shifted strided window of the padded
+    input, contracted with the output gradient over batch and output pixels;
   - the input gradient of a 1x1 conv as a matmul with the transposed kernel, spread back onto the stride grid;
   - the input gradient of a k x k conv as forward convolutions with a reversed, in/out-swapped kernel: one for
     stride 1, and one per stride phase (sub-kernel of every stride-th tap) for strided layers, interleaved.
@@ -37,12 +38,6 @@ from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
-# Kernels with at most this many taps x input channels (the RGB stem: 7 * 7 * 3) get their weight gradient from
-# patch matrices of PATCH_BAND_ELEMENTS floats (32 MB) at a time rather than one thin matmul per tap (~10x slower).
-MAX_PATCH_SIZE = 256
-PATCH_BAND_ELEMENTS = 8 * 2**20
-
-
 def _is_identity(values):
     return values is None or all(v == 1 for v in values)
 
@@ -59,8 +54,10 @@ def conv_general_dilated(
     batch_group_count=1,
     precision=None,
     preferred_element_type=None,
+    in_conditional_branch=False,
 ):
-    """``lax.conv_general_dilated`` with a CPU-friendly gradient for plain NHWC/HWIO 2-D convolutions."""
+    """``lax.conv_general_dilated`` with a CPU-friendly gradient for plain NHWC/HWIO 2-D convolutions.
+    in_conditional_branch: the conv is traced inside a lax.cond/switch branch (see the module docstring)."""
     fast = (
         lhs.ndim == 4
         and rhs.ndim == 4
@@ -90,30 +87,32 @@ def conv_general_dilated(
         )
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    return conv2d(lhs, rhs, tuple(window_strides), tuple((int(lo), int(hi)) for lo, hi in padding))
+    return conv2d(lhs, rhs, tuple(window_strides), tuple((int(lo), int(hi)) for lo, hi in padding),
+                  bool(in_conditional_branch))
 
 
 def _plain_conv2d(x, kernel, strides, padding):
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x, kernel, strides, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x, kernel, strides, padding, in_conditional_branch):
     """NHWC input, HWIO kernel, ``strides`` (sh, sw), explicit ``padding`` ((top, bottom), (left, right))."""
     return _plain_conv2d(x, kernel, strides, padding)
 
 
-def _conv2d_forward(x, kernel, strides, padding):
-    return conv2d(x, kernel, strides, padding), (x, kernel)
+def _conv2d_forward(x, kernel, strides, padding, in_conditional_branch):
+    return conv2d(x, kernel, strides, padding, in_conditional_branch), (x, kernel)
 
 
-def _conv2d_backward(strides, padding, residuals, grad):
+def _conv2d_backward(strides, padding, in_conditional_branch, residuals, grad):
     x, kernel = residuals
     return lax.platform_dependent(
         x,
         kernel,
         grad,
-        cpu=functools.partial(cpu_gradients, strides=strides, padding=padding),
+        cpu=functools.partial(cpu_gradients, strides=strides, padding=padding,
+                              in_conditional_branch=in_conditional_branch),
         default=functools.partial(xla_gradients, strides=strides, padding=padding),
     )
 
@@ -149,9 +148,6 @@ def _tap_matmul_kernel_grad(x, grad, kernel_size, strides, padding):
                            (1, sh, sw, 1))
         return window_times_grad(window).reshape(1, 1, cin, cout)
 
-    if kh * kw * cin <= MAX_PATCH_SIZE:
-        return _patch_matmul_kernel_grad(x, grad, kernel_size, strides, padding)
-
     # Pad to whole stride multiples and split into sh * sw phases, padded[:, a::sh, b::sw] (free for stride 1):
     # each tap's window is then an unstrided block of one phase, which a loop can cut with dynamic_slice. Channels
     # go first, so that each window is a [cin, pixels] matrix: XLA's CPU matmul inside a loop runs that
@@ -172,49 +168,6 @@ def _tap_matmul_kernel_grad(x, grad, kernel_size, strides, padding):
 
     _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
     return taps.reshape(kh, kw, cin, cout)
-
-
-def _patch_matmul_kernel_grad(x, grad, kernel_size, strides, padding):
-    """Kernel gradient of a conv with few input channels (the 7x7 stem on RGB): each tap's matmul would contract
-    a handful of rows over every pixel, so instead a loop over bands of output rows builds the band's whole
-    [pixels, kh * kw * cin] patch matrix and does one matmul per band."""
-    (kh, kw), (sh, sw) = kernel_size, strides
-    batch, out_h, out_w, cout = grad.shape
-    cin = x.shape[-1]
-    patch = kh * kw * cin
-    rows = max(1, min(out_h, PATCH_BAND_ELEMENTS // (batch * out_w * patch)))
-    bands = -(-out_h // rows)
-    (top, bottom), (left, right) = padding
-    # Zero output-gradient rows pad the last band; the input gets the rows those read (or loses unread ones).
-    grad = lax.pad(grad, jnp.zeros((), grad.dtype), ((0, 0, 0), (0, bands * rows - out_h, 0), (0, 0, 0), (0, 0, 0)))
-    needed = (bands * rows - 1) * sh + kh
-    padded = lax.pad(
-        x,
-        jnp.zeros((), x.dtype),
-        ((0, 0, 0), (top, needed - x.shape[1] - top, 0), (left, right, 0), (0, 0, 0)),
-    )
-    band_height = (rows - 1) * sh + kh
-
-    def band_times_grad(total, band_index):
-        band = lax.dynamic_slice_in_dim(padded, band_index * rows * sh, band_height, axis=1)
-        columns = jnp.concatenate(
-            [
-                lax.slice(band, (0, i, j, 0), (batch, i + sh * (rows - 1) + 1, j + sw * (out_w - 1) + 1, cin),
-                          (1, sh, sw, 1))
-                for i in range(kh)
-                for j in range(kw)
-            ],
-            axis=-1,
-        )
-        band_grad = lax.dynamic_slice_in_dim(grad, band_index * rows, rows, axis=1)
-        total = total + lax.dot_general(
-            columns.reshape(-1, patch), band_grad.reshape(-1, cout), (((0,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        return total, None
-
-    total, _ = lax.scan(band_times_grad, jnp.zeros((patch, cout), jnp.float32), jnp.arange(bands))
-    return total.reshape(kh, kw, cin, cout)
 
 
 def _phase_input_grad(kernel, grad, input_hw, strides, padding):
@@ -256,15 +209,23 @@ def _phase_input_grad(kernel, grad, input_hw, strides, padding):
     )
 
 
-def cpu_gradients(x, kernel, grad, *, strides, padding):
-    """(input gradient, kernel gradient) from matmuls and forward convolutions only."""
+def _xla_kernel_grad(x, kernel, grad, strides, padding):
+    _, pullback = jax.vjp(lambda kernel: _plain_conv2d(x, kernel, strides, padding), kernel)
+    return pullback(grad)[0]
+
+
+def cpu_gradients(x, kernel, grad, *, strides, padding, in_conditional_branch=False):
+    """(input gradient, kernel gradient); inside a conditional branch from matmuls and forward convolutions only."""
     kh, kw, _, _ = kernel.shape
     _, out_h, out_w, _ = grad.shape
-    kernel_grad = _tap_matmul_kernel_grad(x, grad, (kh, kw), strides, padding).astype(kernel.dtype)
-
     if (kh, kw) != (1, 1):
+        if in_conditional_branch:
+            kernel_grad = _tap_matmul_kernel_grad(x, grad, (kh, kw), strides, padding).astype(kernel.dtype)
+        else:
+            kernel_grad = _xla_kernel_grad(x, kernel, grad, strides, padding)
         return _phase_input_grad(kernel, grad, x.shape[1:3], strides, padding).astype(x.dtype), kernel_grad
 
+    kernel_grad = _tap_matmul_kernel_grad(x, grad, (kh, kw), strides, padding).astype(kernel.dtype)
     # 1x1: output pixel (r, c) reads padded input pixel (r * sh, c * sw); spread the matmul back onto that grid
     # with interior zeros and crop the padding (lax.pad takes negative edges as crops).
     spread = jnp.dot(grad, kernel[0, 0].T, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -285,6 +246,15 @@ def cpu_gradients(x, kernel, grad, *, strides, padding):
 
 class Conv(nn.Conv):
     """flax's nn.Conv with this module's conv_general_dilated bound once: the same parameters, names and forward
-    numerics, and the CPU-friendly backward wherever it is traced. Every convolution of modeling/ is this one."""
+    numerics, and the CPU-friendly backward wherever it is traced. Every convolution of modeling/ is this one or
+    BranchConv."""
 
     conv_general_dilated: Callable[..., Any] | None = conv_general_dilated
+
+
+class BranchConv(Conv):
+    """Conv for layers traced inside a lax.cond/switch branch (the heads of modeling/mask_rcnn.py's RoI buckets):
+    its CPU weight gradient avoids XLA's convolutions, which are some 500x slower there."""
+
+    conv_general_dilated: Callable[..., Any] | None = functools.partial(conv_general_dilated,
+                                                                        in_conditional_branch=True)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from maskrcnn_jax.layers.activation import bit_mask_relu
-from maskrcnn_jax.layers.conv import Conv
+from maskrcnn_jax.layers.conv import BranchConv
 from maskrcnn_jax.layers.deconv import Deconv2x2
 
 # detectron2's initialisations: c2_xavier_fill for FCs, c2_msra_fill for convs, small normals for predictors.
@@ -68,9 +68,10 @@ class GlobalPoolBoxHead(nn.Module):
 
 def conv_relu_stack(x, count: int, features: int, name: str, dtype):
     """`count` x (3x3 conv of `features` channels, ReLU), the convs named {name}1..{name}{count}: the towers of the
-    mask and keypoint heads. Call it from a compact module's __call__, which then owns the convs."""
+    mask and keypoint heads. Call it from a compact module's __call__, which then owns the convs. They are
+    BranchConv: in training the heads run inside the RoI buckets' lax.switch (modeling/mask_rcnn.py)."""
     for i in range(count):
-        conv = Conv(features, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype, name=f"{name}{i + 1}")
+        conv = BranchConv(features, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype, name=f"{name}{i + 1}")
         x = bit_mask_relu(conv(x))
     return x
 
@@ -93,7 +94,7 @@ class FCNMaskHead(nn.Module):
                             "mask_fcn", self.dtype)
         x = Deconv2x2(self.conv_dim, kernel_init=conv_init, dtype=self.dtype, name="conv5_mask")(x)
         x = bit_mask_relu(x)
-        x = Conv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
+        x = BranchConv(self.num_masks, (1, 1), kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
                  name="mask_fcn_logits")(x)
         return x.reshape(*lead, *x.shape[1:]).astype(jnp.float32)
 
