@@ -1,14 +1,18 @@
 """The keypoint head against torchvision's KeypointRCNNHeads + KeypointRCNNPredictor, and the keypoint branch of the
 model: its loss, its static shapes, and the switches that turn the mask and keypoint branches on and off."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from maskrcnn_jax import ops
 from maskrcnn_jax.layers.deconv import ConvTranspose
 from maskrcnn_jax.modeling.defaults import model_config
+from maskrcnn_jax.modeling.heads import FCNMaskHead
 from maskrcnn_jax.modeling.keypoint_head import KeypointHead, upsample_bilinear_2x
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 
@@ -16,20 +20,49 @@ CANVAS = (96, 96)
 K = 3
 
 
-def test_conv_transpose_matches_torch(rng):
+@pytest.mark.parametrize("in_conditional_branch", [False, True], ids=["top-level", "in-conditional-branch"])
+def test_conv_transpose_and_its_gradients_match_torch(rng, in_conditional_branch):
     torch = pytest.importorskip("torch")
     x = rng.normal(size=(2, 7, 9, 5)).astype(np.float32)
-    module = ConvTranspose(3, 4, 2, 1)
+    module = ConvTranspose(3, 4, 2, 1, in_conditional_branch=in_conditional_branch)
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x))
     variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
-    ours = np.asarray(module.apply(variables, jnp.asarray(x)))
+    cotangent = rng.normal(size=(2, 14, 18, 3)).astype(np.float32)
+    ours, pullback = jax.vjp(jax.jit(module.apply), variables, jnp.asarray(x))
+    variable_grads, x_grad = pullback(jnp.asarray(cotangent))
+
     reference = torch.nn.ConvTranspose2d(5, 3, 4, stride=2, padding=1)
     with torch.no_grad():
         reference.weight.copy_(torch.tensor(np.asarray(variables["params"]["kernel"]).transpose(2, 3, 0, 1)))
         reference.bias.copy_(torch.tensor(np.asarray(variables["params"]["bias"])))
-        expected = reference(torch.tensor(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-    assert ours.shape == expected.shape == (2, 14, 18, 3)
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    x_t = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    expected = reference(x_t)
+    expected.backward(torch.tensor(cotangent).permute(0, 3, 1, 2))
+    assert ours.shape == (2, 14, 18, 3)
+    np.testing.assert_allclose(ours, expected.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_grad, x_t.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(variable_grads["params"]["kernel"],
+                               reference.weight.grad.numpy().transpose(2, 3, 0, 1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(variable_grads["params"]["bias"], reference.bias.grad.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["mask", "keypoint"])
+def test_heads_train_inside_a_switch_on_forward_convolutions_and_matmuls(rng, head):
+    # In training both heads run inside the RoI buckets' lax.switch, where XLA's CPU weight-gradient and
+    # transposed convolutions are some 500x slower than at the top level (layers/conv.py).
+    if head == "mask":
+        module = FCNMaskHead(num_masks=3, conv_dim=8, num_convs=2)
+    else:
+        module = KeypointHead(num_keypoints=3, conv_dim=8, num_convs=2)
+    x = jnp.asarray(rng.normal(size=(4, 7, 7, 8)), jnp.float32)
+    variables = module.init(jax.random.key(0), x)
+    grad = jax.grad(lambda variables, x: jnp.sum(jnp.sin(module.apply(variables, x))), argnums=(0, 1))
+    no_grad = lambda variables, x: jax.tree.map(jnp.zeros_like, (variables, x))  # noqa: E731
+    in_switch = jax.jit(lambda index, variables, x: lax.switch(index, [grad, no_grad], variables, x))
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5),
+                 in_switch(0, variables, x), jax.jit(grad)(variables, x))
+    hlo = in_switch.lower(0, variables, x).compile().as_text()
+    assert set(re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)) == {"b01f_01io->b01f"}
 
 
 def test_bilinear_upsampling_matches_torch_interpolate(rng):

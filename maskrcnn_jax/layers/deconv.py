@@ -5,7 +5,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
+
+from maskrcnn_jax.layers.conv import conv2d_transpose
 
 
 class Deconv2x2(nn.Module):
@@ -33,9 +34,10 @@ class Deconv2x2(nn.Module):
 
 class ConvTranspose(nn.Module):
     """PyTorch's ConvTranspose2d(in, features, kernel_size, stride, padding) in NHWC: output side
-    (side - 1) * stride - 2 * padding + kernel_size. Computed as a convolution of the stride-dilated input with the
-    spatially flipped kernel, padded by kernel_size - 1 - padding. The kernel is stored [k, k, in, features]:
-    torchvision's weight [in, features, k, k] transposed (2, 3, 0, 1), no flip."""
+    (side - 1) * stride - 2 * padding + kernel_size. Computed as layers/conv.py's conv2d_transpose, the adjoint of
+    a stride-`stride` conv from `features` to `in` channels, whose CPU gradients avoid XLA's transposed
+    convolutions. The kernel is stored [k, k, in, features]: torchvision's weight [in, features, k, k] transposed
+    (2, 3, 0, 1), no flip. in_conditional_branch: traced inside a lax.cond/switch branch (see layers/conv.py)."""
 
     features: int
     kernel_size: int
@@ -43,15 +45,16 @@ class ConvTranspose(nn.Module):
     padding: int
     kernel_init: Any = nn.initializers.lecun_normal()
     dtype: Any = jnp.float32
+    in_conditional_branch: bool = False
 
     @nn.compact
     def __call__(self, x):
-        k = self.kernel_size
+        k, s, p = self.kernel_size, self.stride, self.padding
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        edge = k - 1 - self.padding
-        y = lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((edge, edge), (edge, edge)),
-                                     lhs_dilation=(self.stride, self.stride),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        output_hw = tuple((side - 1) * s - 2 * p + k for side in x.shape[1:3])
+        # The adjoint conv maps `features` channels to `in`: the stored kernel with in and out swapped.
+        y = conv2d_transpose(x, kernel.transpose(0, 1, 3, 2), (s, s), ((p, p), (p, p)), output_hw,
+                             self.in_conditional_branch)
         return y + bias

@@ -35,7 +35,8 @@ class KeypointHead(nn.Module):
         lead = roi_features.shape[:-3]
         x = conv_relu_stack(roi_features.reshape(-1, *roi_features.shape[-3:]), self.num_convs, self.conv_dim,
                             "conv_fcn", self.dtype)
+        # In training the head runs inside the RoI buckets' lax.switch (modeling/mask_rcnn.py).
         x = ConvTranspose(self.num_keypoints, 4, 2, 1, kernel_init=conv_init, dtype=self.dtype,
-                          name="score_lowres")(x)
+                          in_conditional_branch=True, name="score_lowres")(x)
         x = upsample_bilinear_2x(x.astype(jnp.float32))
         return x.reshape(*lead, *x.shape[1:])
