@@ -334,7 +334,10 @@ def test_one_device_equals_eight_devices(data_root, tmp_path):
             assert eight[key] == pytest.approx(one[key], rel=1e-4), key
     count = len([k for k in result.files if k.startswith("p1_")])
     for i in range(count):
-        np.testing.assert_allclose(result[f"p8_{i}"], result[f"p1_{i}"], rtol=1e-4, atol=1e-6)
+        # Against each tensor's scale, not elementwise: the conv weight gradients sum the batch in another order on 1
+        # and 8 devices, and after three steps float32 rounding leaves ~2e-6 on elements whose value is near zero.
+        one, eight = result[f"p1_{i}"], result[f"p8_{i}"]
+        np.testing.assert_allclose(eight, one, rtol=0, atol=1e-6 + 1e-4 * float(np.max(np.abs(one))))
 
 
 # ----------------------------------------------------------------------------------------------------
