@@ -26,6 +26,7 @@ from maskrcnn_jax import ops
 from maskrcnn_jax.data.options import InputOptions
 from maskrcnn_jax.engine import checkpointing, optim, parallel, progress, workdir as workdir_lib
 from maskrcnn_jax.engine.checkpointing import TrainState
+from maskrcnn_jax.layers import host_memory
 from maskrcnn_jax.layers.compile_options import compiler_options
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, build_model
 
@@ -194,6 +195,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = parallel.device_batches(iterator, num_steps - start_step, mesh, inputs)
     try:
         for step, (local, batch) in zip(range(start_step + 1, num_steps + 1), batches):
+            if step == start_step + 1:
+                # So that the step's buffers do not come on top of the compiler's freed memory (layers/host_memory.py).
+                host_memory.compile_ahead(step_fn, state, batch)
             state, step_metrics = step_fn(state, batch)
             consumed = batches_consumed + step - start_step  # the iterator itself has read ahead
             log.add(step, step_metrics, local["image_id"])

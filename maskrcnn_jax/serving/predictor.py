@@ -27,6 +27,7 @@ from maskrcnn_jax.data.coco_format import CategoryMap
 from maskrcnn_jax.data.keypoints import KeypointSchema
 from maskrcnn_jax.engine import checkpointing, workdir as workdir_lib
 from maskrcnn_jax.layers.compile_options import compiler_options
+from maskrcnn_jax.layers.host_memory import release_freed_memory
 from maskrcnn_jax.modeling.mask_rcnn import build_model
 from maskrcnn_jax.serving import host
 
@@ -84,6 +85,7 @@ class Predictor(host.ImagePredictor):
             lowered = self._network.lower(self.variables, jax.ShapeDtypeStruct(shape, jnp.float32),
                                           jax.ShapeDtypeStruct((shape[0], 2), jnp.int32))
             self._compiled[shape] = lowered.compile()
+            release_freed_memory()
             logging.info("compiled the network for canvases of shape %s (%d shapes so far)", shape,
                          len(self._compiled))
         return self._compiled[shape]
