@@ -18,6 +18,8 @@ at the top level). Here a custom VJP computes, on CPU only:
   - the input gradient of a k x k conv as forward convolutions with a reversed, in/out-swapped kernel: one for
     stride 1, and one per stride phase (sub-kernel of every stride-th tap) for strided layers, interleaved.
 
+``conv2d_transpose`` (PyTorch's ConvTranspose2d, the keypoint head's deconv) is built from the same pieces.
+
 Every other backend uses XLA's own transpose rules (on GPU and TPU the library convolution backward is the fast
 path). The forward pass is ``lax.conv_general_dilated`` itself. Arguments the fast path does not cover (other
 layouts, dilation, feature groups, an explicit precision or output type) go straight to
