@@ -57,11 +57,20 @@ def _plain_max_pool(x, window, strides, padding):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0)))
 
 
+def _plain_conv2d(x, kernel, strides, padding, in_conditional_branch):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _plain_conv2d_transpose(y, kernel, strides, padding, input_hw, in_conditional_branch):
+    x = jnp.zeros((y.shape[0], *input_hw, kernel.shape[2]), y.dtype)
+    return jax.vjp(lambda x: _plain_conv2d(x, kernel, strides, padding, in_conditional_branch), x)[1](y)[0]
+
+
 def _plain_references():
     """(module, name) of each CPU-speed custom VJP -> a plain differentiable function with its signature."""
-    conv = importlib.import_module("maskrcnn_jax.layers.conv")
     return {
-        ("maskrcnn_jax.layers.conv", "conv2d"): conv._plain_conv2d,
+        ("maskrcnn_jax.layers.conv", "conv2d"): _plain_conv2d,
+        ("maskrcnn_jax.layers.conv", "conv2d_transpose"): _plain_conv2d_transpose,
         ("maskrcnn_jax.layers.pooling", "max_pool"): _plain_max_pool,
     }
 
