@@ -1,22 +1,28 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two stamps: the demo needs only the runtime; the suite adds the test and parity extras (torch, torchvision).
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: test clean demo
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,parity]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
 
-test: $(STAMP)
+$(TEST_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install --quiet -e '.[test,parity]'
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
 # Generates the synthetic shapes, trains Mask R-CNN on the CPU, evaluates, writes overlay PNGs of validation
 # predictions (workdir/shapes_demo/overlays) and prints box and mask AP.
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/python -m maskrcnn_jax.main --config=configs/shapes.py --workdir=workdir/shapes_demo
 
 clean:
