@@ -2,6 +2,7 @@
 round trip canvas -> original pixels -> dataset category ids -> RLE -> COCOeval."""
 
 import contextlib
+import copy
 import io
 
 import numpy as np
@@ -78,8 +79,11 @@ def jitter_results(coco, rng):
 
 
 def direct_stats(coco, results, iou_type, image_ids=None):
+    """pycocotools' stats as detectron2's COCOEvaluator calls it: segm results without their boxes."""
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+        evaluator = COCOeval(coco, coco.loadRes(copy.deepcopy(results)), iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = image_ids
         evaluator.evaluate()
@@ -99,6 +103,35 @@ def test_metrics_equal_a_direct_pycocotools_call(rng):
         ours = [metrics[f"{iou_type}_{name}"] for name in evaluation.STAT_NAMES]
         np.testing.assert_array_equal(ours, expected)
         assert set(per_class[iou_type]) == set(CATEGORY_IDS)
+
+
+def test_mask_ap_by_size_bins_results_by_mask_area_not_box_area():
+    """A small ground-truth blob and, scored above it, a false-positive diagonal line: its mask covers ~240
+    pixels (small, < 32**2) but its box 240x240 (large). Binned by mask area, the line is a small false positive
+    ahead of the true one, so APs is 0.5; binned by box area (pycocotools with the box kept) it would be ignored
+    in the small range and APs would be 1."""
+    height = width = 300
+    blob = np.zeros((height, width), bool)
+    blob[10:30, 10:30] = True
+    line = np.zeros((height, width), bool)
+    line[np.arange(50, 290), np.arange(50, 290)] = True
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "file_name": "1.jpg", "height": height, "width": width}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 20.0, 20.0],
+                                     "area": float(blob.sum()), "iscrowd": 0, "segmentation": rle(blob)}],
+                    "categories": [{"id": 3, "name": "cat"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    results = [{"image_id": 1, "category_id": 3, "bbox": [50.0, 50.0, 240.0, 240.0], "score": 0.9,
+                "segmentation": rle(line)},
+               {"image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.8,
+                "segmentation": rle(blob)}]
+    kept = copy.deepcopy(results)
+    metrics, _ = evaluation.coco_metrics(coco, results, max_dets=100)
+    assert metrics["segm_APs"] == pytest.approx(0.5)
+    assert metrics["bbox_APs"] == pytest.approx(1.0)  # boxes are binned by box area: the line's is large
+    assert metrics["segm_AP"] == metrics["bbox_AP"]  # over all areas the line is a false positive in both
+    assert results == kept  # the caller's results are not modified
 
 
 def test_image_subset_matches_pycocotools_image_ids(rng):

@@ -71,9 +71,11 @@ def quiet(fn, *args, **kwargs):
 
 
 def load_results(coco_gt: COCO, results: Sequence[Mapping[str, Any]]) -> COCO:
-    """COCO.loadRes that also accepts an empty result list (COCO.loadRes indexes results[0])."""
+    """COCO.loadRes that also accepts an empty result list (COCO.loadRes indexes results[0]). loadRes only adds
+    keys to each result (area, id, iscrowd) and never writes into their values, so shallow copies keep the
+    caller's results unchanged."""
     if results:
-        return quiet(coco_gt.loadRes, copy.deepcopy(list(results)))
+        return quiet(coco_gt.loadRes, [dict(r) for r in results])
     coco_dt = COCO()
     coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": copy.deepcopy(
         coco_gt.dataset.get("categories", [])), "annotations": []}
@@ -90,7 +92,13 @@ def run_cocoeval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: 
     if max_dets < 10:
         raise ValueError(f"max_dets must be at least 10 (COCOeval sorts maxDets (1, 10, max_dets)), got {max_dets}")
     needed = {"segm": "segmentation", "keypoints": "keypoints"}.get(iou_type)
-    coco_dt = load_results(coco_gt, [r for r in results if needed is None or needed in r])
+    scored = [r for r in results if needed is None or needed in r]
+    if iou_type == "segm":
+        # With a bbox, loadRes takes a result's area from the box, and APs/APm/APl would bin masks by box area;
+        # without one it takes the mask's area, as detectron2's evaluator (which drops the box) and torchvision's
+        # reference (which writes none) do.
+        scored = [{k: v for k, v in r.items() if k != "bbox"} for r in scored]
+    coco_dt = load_results(coco_gt, scored)
     evaluator = COCOeval(coco_gt, coco_dt, iou_type)
     if image_ids is not None:
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
