@@ -134,6 +134,34 @@ def test_mask_ap_by_size_bins_results_by_mask_area_not_box_area():
     assert results == kept  # the caller's results are not modified
 
 
+@pytest.mark.parametrize("rule", host.MASK_PASTE_RULES)
+def test_rles_read_off_the_crops_equal_pycocotools_encode_of_the_full_masks(rng, rule):
+    """Bit for bit, for every paste rule: random probabilities in boxes inside the image, across its edges and
+    corners (a run that ends on the bottom row joins one that starts on the next column's top row), covering it
+    whole, outside it, degenerate, and all-background masks."""
+    height, width = 37, 53
+    boxes = [rng.uniform([-10, -10, 0, 0], [width, height, 30, 30]) for _ in range(40)]
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in boxes]
+    boxes += [[-5, -5, width + 5, height + 5], [0, 0, width, height], [-20, -20, -2, -3],
+              [width + 1, 3, width + 9, 9], [4, 4, 4, 12], [10, 3, 25, 3], [0, 0, 6, height], [3, 0, 9, height]]
+    boxes = np.asarray(boxes, np.float32)
+    probabilities = rng.uniform(size=(len(boxes), 28, 28)).astype(np.float32)
+    probabilities[-2:] = 1.0  # columns running the image's full height
+    probabilities[-10] = 0.0  # nothing pasted
+    crops = host.paste_mask_crops(probabilities, boxes, height, width, 0.5, rule)
+    masks = host.full_masks(crops, height, width)
+    assert masks[-1].all(axis=0).any() and not masks[-10].any()
+    assert masks[:, 0, :].any() and masks[:, -1, :].any()
+    np.testing.assert_array_equal(masks, host.paste_masks(probabilities, boxes, height, width, 0.5, rule))
+    assert evaluation.encode_mask_crops(crops, height, width) == evaluation.encode_masks(masks)
+    corner = np.zeros((3, 4), bool)
+    corner[-1, -1] = True  # the image's last pixel
+    special = [host.MaskCrop(0, 0, np.ones((height, width), bool)), host.MaskCrop(0, 0, np.zeros((0, 0), bool)),
+               host.MaskCrop(height - 3, width - 4, corner)]
+    assert evaluation.encode_mask_crops(special, height, width) == evaluation.encode_masks(
+        host.full_masks(special, height, width))
+
+
 def test_image_subset_matches_pycocotools_image_ids(rng):
     coco = make_ground_truth(rng)
     results = jitter_results(coco, rng)
@@ -213,7 +241,7 @@ def test_detections_round_trip_to_original_pixels_and_dataset_ids(rng):
         # Equal up to the box-edge pixels, where bilinear pasting sits at the 0.5 threshold.
         iou = mask_utils.iou([result["segmentation"]], [annotation["segmentation"]], [0])[0, 0]
         assert iou > 0.98
-    assert detections["masks"].shape == (3, height, width)
+    assert host.full_masks(detections["mask_crops"], height, width).shape == (3, height, width)
     metrics, _ = evaluation.coco_metrics(coco, results)
     assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
 

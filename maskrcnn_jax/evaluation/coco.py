@@ -192,6 +192,40 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     return rles
 
 
+def _crop_run_lengths(crop: host.MaskCrop, height: int, width: int) -> list[int]:
+    """The uncompressed COCO RLE counts (column-major runs, zeros first) of a crop's full height x width mask,
+    read off the crop alone."""
+    pixels = np.asarray(crop.pixels, bool)
+    if not pixels.any():
+        return [height * width]
+    h, w = pixels.shape
+    # Each crop column, framed by a False on both sides: +1 steps start runs of ones, -1 steps end them.
+    framed = np.zeros((w, h + 2), np.int8)
+    framed[:, 1:-1] = pixels.T
+    steps = np.diff(framed, axis=1)  # [w, h + 1], row-major order = the image's column-major order
+    column_offsets = (crop.left + np.arange(w, dtype=np.int64))[:, None] * height + crop.top
+    starts = (column_offsets + np.arange(h + 1))[steps == 1]
+    ends = (column_offsets + np.arange(h + 1))[steps == -1]
+    # A run that ends at the image's bottom row and one that starts at the next column's top row are one run.
+    joined = ends[:-1] == starts[1:]
+    starts = starts[np.concatenate([[True], ~joined])]
+    ends = ends[np.concatenate([~joined, [True]])]
+    boundaries = np.stack([starts, ends], axis=1).reshape(-1)
+    if boundaries[-1] < height * width:  # no closing empty run after a mask that reaches the last pixel
+        boundaries = np.append(boundaries, height * width)
+    return np.diff(boundaries, prepend=0).tolist()
+
+
+def encode_mask_crops(crops: Sequence[host.MaskCrop], height: int, width: int) -> list[dict[str, Any]]:
+    """MaskCrops of a height x width image -> COCO RLEs with str counts, bit for bit encode_masks of their full
+    masks, without writing or scanning the pixels outside each crop."""
+    if len(crops) == 0:
+        return []
+    runs = [{"counts": _crop_run_lengths(crop, height, width), "size": [height, width]} for crop in crops]
+    return [{"size": [height, width], "counts": rle["counts"].decode("ascii")}
+            for rle in mask_utils.frPyObjects(runs, height, width)]
+
+
 def coco_result(image_id: int, category_id: int, box, score: float, rle: dict | None = None,
                 keypoints=None) -> dict[str, Any]:
     """One COCO results entry: an xyxy box becomes COCO's xywh; the RLE, when given, its segmentation; keypoints
@@ -209,12 +243,15 @@ def coco_result(image_id: int, category_id: int, box, score: float, rle: dict | 
 def detections_to_results(predictions: Mapping[str, np.ndarray], image_id: int, image_size, original_size,
                           spec: host.InferenceSpec) -> tuple[list[dict], dict]:
     """One image's fixed-size predictions (MaskRCNN.predict's outputs for it) -> (COCO result dicts, the
-    detections in original pixels: {'boxes', 'scores', 'labels' (category ids), 'names', 'masks', 'keypoints'}).
-    Exactly the Predictor's results (serving.host.image_results with `spec`), with no score threshold."""
+    detections in original pixels: {'boxes', 'scores', 'labels' (category ids), 'names', 'mask_crops',
+    'keypoints'}). Exactly the Predictor's results (serving.host.image_results with `spec`), with no score
+    threshold; the masks stay crops (host.full_masks makes images of them), and their RLEs are read off the crops."""
     prepared = host.PreparedImage(None, tuple(int(v) for v in image_size), tuple(int(v) for v in original_size))
-    detections = host.image_results(predictions, prepared, spec, score_threshold=-np.inf)
+    detections = host.image_results(predictions, prepared, spec, score_threshold=-np.inf, mask_crops=True)
     count = len(detections["scores"])
-    rles = encode_masks(detections["masks"]) if "masks" in detections else [None] * count
+    rles = [None] * count
+    if "mask_crops" in detections:
+        rles = encode_mask_crops(detections["mask_crops"], *prepared.original_size)
     keypoints = detections.get("keypoints", [None] * count)
     results = [coco_result(image_id, category_id, box, score, rle, points)
                for box, score, category_id, rle, points in zip(detections["boxes"], detections["scores"],

@@ -32,7 +32,7 @@ from maskrcnn_jax.data.keypoints import KeypointSchema
 from maskrcnn_jax.data.transforms import InputOptions
 from maskrcnn_jax.engine import parallel, workdir as workdir_lib
 from maskrcnn_jax.evaluation import coco
-from maskrcnn_jax.serving import visualize
+from maskrcnn_jax.serving import host, visualize
 from maskrcnn_jax.serving.predictor import spec_from_config
 
 # The fields of an evaluation batch that a predict function reads.
@@ -106,6 +106,8 @@ class CocoEvaluator:
             results.extend(image_results)
             image_ids.append(meta["image_id"])
             if len(overlays) < c.num_overlays:
+                if "mask_crops" in detections:
+                    detections["masks"] = host.full_masks(detections.pop("mask_crops"), *meta["original_size"])
                 overlays.append((meta["image_id"], detections))
         gathered = parallel.gather_to_all({"results": results, "image_ids": image_ids})
         metrics = np.zeros(len(self.metric_keys), np.float64)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -259,23 +259,47 @@ def _paste_matterport(mask: np.ndarray, box: np.ndarray, height: int, width: int
 PASTE_RULES = {"detectron2": _paste_detectron2, "torchvision": _paste_torchvision, "matterport": _paste_matterport}
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float,
-                rule: str = "detectron2") -> np.ndarray:
-    """[N, m, m] probabilities in xyxy `boxes` [N, 4] (image pixels) -> bool [N, height, width], pasted by `rule`
-    (MASK_PASTE_RULES) and binarised as each library does: detectron2 and the seed document keep probabilities
-    >= threshold, torchvision's evaluation those > threshold (saturated masks paste many pixels of exactly 0.5)."""
+class MaskCrop(NamedTuple):
+    """A pasted mask's pixels inside the part of the image its paste rule can touch: the full mask is `pixels` at
+    rows top.., columns left.. and False everywhere else."""
+    top: int
+    left: int
+    pixels: np.ndarray  # bool [h, w]
+
+
+def paste_mask_crops(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float,
+                     rule: str = "detectron2") -> list[MaskCrop]:
+    """[N, m, m] probabilities in xyxy `boxes` [N, 4] (image pixels) -> N MaskCrops in a height x width image,
+    pasted by `rule` (MASK_PASTE_RULES) and binarised as each library does: detectron2 and the seed document keep
+    probabilities >= threshold, torchvision's evaluation those > threshold (saturated masks paste many pixels of
+    exactly 0.5). A degenerate box pastes nothing."""
     if rule not in MASK_PASTE_RULES:
         raise ValueError(f"mask paste rule must be one of {MASK_PASTE_RULES}, got {rule!r}")
     paste_one = PASTE_RULES[rule]
     binarise = np.greater if rule == "torchvision" else np.greater_equal
-    masks = np.asarray(masks, np.float32)
-    out = np.zeros((len(masks), height, width), bool)
-    for mask, box, target in zip(masks, np.asarray(boxes, np.float32), out):
+    crops = []
+    for mask, box in zip(np.asarray(masks, np.float32), np.asarray(boxes, np.float32)):
         if not (box[2] > box[0] and box[3] > box[1]):
+            crops.append(MaskCrop(0, 0, np.zeros((0, 0), bool)))
             continue
         rows, columns, values = paste_one(mask, box, height, width)
-        target[rows, columns] = binarise(values, threshold)
+        crops.append(MaskCrop(rows.start, columns.start, binarise(values, threshold)))
+    return crops
+
+
+def full_masks(crops: Sequence[MaskCrop], height: int, width: int) -> np.ndarray:
+    """MaskCrops -> bool [N, height, width]."""
+    out = np.zeros((len(crops), height, width), bool)
+    for crop, target in zip(crops, out):
+        h, w = crop.pixels.shape
+        target[crop.top:crop.top + h, crop.left:crop.left + w] = crop.pixels
     return out
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float,
+                rule: str = "detectron2") -> np.ndarray:
+    """paste_mask_crops as full masks: bool [N, height, width]."""
+    return full_masks(paste_mask_crops(masks, boxes, height, width, threshold, rule), height, width)
 
 
 def boxes_to_original(boxes: np.ndarray, image_size: Sequence[int], original_size: Sequence[int]) -> np.ndarray:
@@ -299,11 +323,12 @@ def keypoints_to_original(keypoints: np.ndarray, image_size: Sequence[int], orig
 
 
 def image_results(outputs: Mapping[str, np.ndarray], prepared: PreparedImage, spec: InferenceSpec,
-                  score_threshold: float) -> dict[str, Any]:
+                  score_threshold: float, mask_crops: bool = False) -> dict[str, Any]:
     """One image's fixed-size network outputs (boxes [D, 4] on the canvas, scores, classes 1..K, valid [D], and
     masks [D, m, m] or keypoint_heatmaps [D, m, m, K] as the model has them) -> {'boxes' [N, 4] original xyxy,
-    'scores' [N], 'labels' [N] category ids, 'names', and 'masks' [N, H, W] bool, 'keypoints' [N, K, 3] (x, y, score
-    in original pixels)}, the valid detections scoring at least `score_threshold`, best first."""
+    'scores' [N], 'labels' [N] category ids, 'names', and 'masks' [N, H, W] bool (with `mask_crops`, 'mask_crops':
+    N MaskCrops instead, which skips writing N full images), 'keypoints' [N, K, 3] (x, y, score in original
+    pixels)}, the valid detections scoring at least `score_threshold`, best first."""
     keep = np.asarray(outputs["valid"], bool) & (np.asarray(outputs["scores"]) >= score_threshold)
     order = np.argsort(-np.asarray(outputs["scores"])[keep], kind="stable")
     classes = np.asarray(outputs["classes"])[keep][order]
@@ -318,8 +343,12 @@ def image_results(outputs: Mapping[str, np.ndarray], prepared: PreparedImage, sp
         "names": [spec.names[c - 1] for c in classes],
     }
     if "masks" in outputs:
-        results["masks"] = paste_masks(np.asarray(outputs["masks"])[keep][order], boxes, height, width,
-                                       spec.mask_threshold, spec.mask_paste)
+        crops = paste_mask_crops(np.asarray(outputs["masks"])[keep][order], boxes, height, width,
+                                 spec.mask_threshold, spec.mask_paste)
+        if mask_crops:
+            results["mask_crops"] = crops
+        else:
+            results["masks"] = full_masks(crops, height, width)
     if "keypoint_heatmaps" in outputs:
         # Decoded in the canvas' pixels, where the heatmaps' boxes are, then scaled like the boxes.
         heatmaps = np.asarray(outputs["keypoint_heatmaps"])[keep][order]
