@@ -92,17 +92,29 @@ def direct_stats(coco, results, iou_type, image_ids=None):
     return evaluator.stats
 
 
-def test_metrics_equal_a_direct_pycocotools_call(rng):
-    coco = make_ground_truth(rng)
+@pytest.mark.parametrize("backend", evaluation.COCOEVAL_BACKENDS)
+def test_metrics_equal_a_direct_pycocotools_call(rng, backend):
+    """Every stat and every per-class AP, on either backend, is pycocotools' own: bit for bit on pycocotools,
+    to float64 rounding (summed in another order) on faster-coco-eval."""
+    coco = make_ground_truth(rng, num_images=12)
     results = jitter_results(coco, rng)
     assert results
-    metrics, per_class = evaluation.coco_metrics(coco, results, max_dets=100)
+    metrics, per_class = evaluation.coco_metrics(coco, results, max_dets=100, backend=backend)
+    _, reference_per_class = evaluation.coco_metrics(coco, results, max_dets=100, backend="pycocotools")
     assert list(metrics) == list(evaluation.METRIC_KEYS)
+    tolerance = 0 if backend == "pycocotools" else 1e-15
     for iou_type in ("bbox", "segm"):
         expected = direct_stats(coco, results, iou_type)
         ours = [metrics[f"{iou_type}_{name}"] for name in evaluation.STAT_NAMES]
-        np.testing.assert_array_equal(ours, expected)
+        assert len(set(ours)) > 6  # the data tells the stats apart
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=tolerance)
         assert set(per_class[iou_type]) == set(CATEGORY_IDS)
+        np.testing.assert_allclose([per_class[iou_type][c] for c in CATEGORY_IDS],
+                                   [reference_per_class[iou_type][c] for c in CATEGORY_IDS], rtol=0, atol=tolerance)
+
+
+def test_faster_coco_eval_is_the_default_backend():
+    assert evaluation.default_backend() == "faster_coco_eval"
 
 
 def test_mask_ap_by_size_bins_results_by_mask_area_not_box_area():
@@ -168,7 +180,7 @@ def test_image_subset_matches_pycocotools_image_ids(rng):
     subset = sorted(coco.getImgIds())[:3]
     metrics, _ = evaluation.coco_metrics(coco, [r for r in results if r["image_id"] in subset], subset)
     expected = direct_stats(coco, [r for r in results if r["image_id"] in subset] or results, "bbox", subset)
-    np.testing.assert_array_equal([metrics[f"bbox_{n}"] for n in evaluation.STAT_NAMES], expected)
+    np.testing.assert_allclose([metrics[f"bbox_{n}"] for n in evaluation.STAT_NAMES], expected, rtol=0, atol=1e-15)
 
 
 def test_configurable_max_dets_changes_every_ap(rng):
@@ -299,6 +311,45 @@ def test_keypoint_detections_round_trip_and_score_oks_ap_one(rng):
                                                  sigmas=schema.oks_sigmas)
     assert list(metrics)[-10:] == [f"keypoints_{n}" for n in evaluation.KEYPOINT_STAT_NAMES]
     assert metrics["keypoints_AP"] == pytest.approx(1.0) and metrics["bbox_AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", evaluation.COCOEVAL_BACKENDS)
+def test_keypoint_stats_equal_pycocotools_summarize(rng, backend):
+    """Random people (medium and large, some keypoints unlabelled) and noisy detections with false positives:
+    the ten keypoint stats on either backend are pycocotools' own COCOeval.summarize()."""
+    sigmas = (0.03, 0.05, 0.07, 0.09)
+    images, annotations, results = [], [], []
+    for image_id in range(1, 9):
+        images.append({"id": image_id, "height": 400, "width": 500, "file_name": f"{image_id}.jpg"})
+        for _ in range(rng.integers(1, 4)):
+            x1, y1 = rng.uniform(0, 250, 2)
+            w, h = rng.uniform(40, 240, 2)
+            points = np.stack([rng.uniform(x1, x1 + w, 4), rng.uniform(y1, y1 + h, 4),
+                               rng.choice([0, 1, 2], 4, p=[0.2, 0.3, 0.5]).astype(float)], 1)
+            points[points[:, 2] == 0, :2] = 0
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 3,
+                                "bbox": [x1, y1, w, h], "area": w * h * 0.6, "iscrowd": 0,
+                                "num_keypoints": int((points[:, 2] > 0).sum()),
+                                "keypoints": points.reshape(-1).tolist()})
+            for _ in range(rng.integers(0, 3)):
+                noisy = points[:, :2] + rng.normal(0, rng.uniform(1, 15), (4, 2))
+                detected = np.concatenate([noisy, rng.uniform(0, 1, (4, 1))], 1)
+                results.append({"image_id": image_id, "category_id": 3, "score": float(rng.uniform()),
+                                "bbox": [x1, y1, w, h], "keypoints": detected.reshape(-1).tolist()})
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations,
+                    "categories": [{"id": 3, "name": "person", "keypoints": ["a", "b", "c", "d"], "skeleton": []}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        reference = COCOeval(coco, coco.loadRes(copy.deepcopy(results)), "keypoints")
+        reference.params.kpt_oks_sigmas = np.asarray(sigmas)
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    metrics, _ = evaluation.coco_metrics(coco, results, iou_types=("keypoints",), sigmas=sigmas, backend=backend)
+    ours = [metrics[f"keypoints_{n}"] for n in evaluation.KEYPOINT_STAT_NAMES]
+    assert len(set(ours)) > 5  # the data tells the stats apart
+    np.testing.assert_allclose(ours, reference.stats, rtol=0, atol=0 if backend == "pycocotools" else 1e-15)
 
 
 def test_oks_sigmas_come_from_the_config_the_dataset_or_coco():

@@ -1,11 +1,16 @@
-"""pycocotools wrappers and result encoding: one image's detections -> COCO results (original pixels, the dataset's
-category ids, RLE masks, keypoints), and COCOeval's numbers (bbox, segm, keypoints) with a per-class AP table."""
+"""COCOeval wrappers and result encoding: one image's detections -> COCO results (original pixels, the dataset's
+category ids, RLE masks, keypoints), and COCOeval's numbers (bbox, segm, keypoints) with a per-class AP table.
+
+COCOeval runs on faster-coco-eval (a compiled drop-in for pycocotools' COCOeval, the same numbers) where it is
+installed, else on pycocotools; `backend=` picks one."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
+import weakref
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -83,12 +88,47 @@ def load_results(coco_gt: COCO, results: Sequence[Mapping[str, Any]]) -> COCO:
     return coco_dt
 
 
+COCOEVAL_BACKENDS = ("faster_coco_eval", "pycocotools")
+
+
+def default_backend() -> str:
+    return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+
+
+# faster-coco-eval's own COCO index of each pycocotools ground truth, built once per ground truth.
+_FASTER_GROUND_TRUTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _faster_ground_truth(coco_gt: COCO):
+    twin = _FASTER_GROUND_TRUTHS.get(coco_gt)
+    if twin is None:
+        from faster_coco_eval import COCO as FasterCOCO
+
+        twin = FasterCOCO(print_function=lambda *args: None)
+        twin.dataset = coco_gt.dataset
+        twin.createIndex()
+        _FASTER_GROUND_TRUTHS[coco_gt] = twin
+    return twin
+
+
+def _evaluator(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, backend: str):
+    if backend == "pycocotools":
+        return COCOeval(coco_gt, load_results(coco_gt, results), iou_type)
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCOeval_faster
+
+        twin = _faster_ground_truth(coco_gt)
+        detections = twin.loadRes([dict(r) for r in results])
+        return COCOeval_faster(twin, detections, iou_type, print_function=lambda *args: None)
+    raise ValueError(f"COCOeval backend must be one of {COCOEVAL_BACKENDS}, got {backend!r}")
+
+
 def run_cocoeval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str,
                  image_ids: Iterable[int] | None = None, max_dets: int = 100,
-                 sigmas: Sequence[float] | None = None) -> COCOeval:
+                 sigmas: Sequence[float] | None = None, backend: str | None = None):
     """COCOeval of `results` (COCO result dicts) for iou_type 'bbox', 'segm' (maxDets 1, 10, max_dets) or
-    'keypoints' (COCOeval's 20 detections per image, OKS with `sigmas`), restricted to `image_ids`. Returns the
-    evaluator after evaluate and accumulate."""
+    'keypoints' (COCOeval's 20 detections per image, OKS with `sigmas`), restricted to `image_ids`, on `backend`
+    (COCOEVAL_BACKENDS; default_backend() when None). Returns the evaluator after evaluate and accumulate."""
     if max_dets < 10:
         raise ValueError(f"max_dets must be at least 10 (COCOeval sorts maxDets (1, 10, max_dets)), got {max_dets}")
     needed = {"segm": "segmentation", "keypoints": "keypoints"}.get(iou_type)
@@ -98,8 +138,7 @@ def run_cocoeval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: 
         # without one it takes the mask's area, as detectron2's evaluator (which drops the box) and torchvision's
         # reference (which writes none) do.
         scored = [{k: v for k, v in r.items() if k != "bbox"} for r in scored]
-    coco_dt = load_results(coco_gt, scored)
-    evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+    evaluator = _evaluator(coco_gt, scored, iou_type, backend or default_backend())
     if image_ids is not None:
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
     if iou_type == "keypoints":
@@ -123,6 +162,17 @@ def _summarize(evaluator: COCOeval, average_precision: bool, iou: float | None, 
         values = values[np.flatnonzero(np.isclose(p.iouThrs, iou))]
     values = values[values > -1]
     return float(np.mean(values)) if values.size else -1.0
+
+
+def summarize_keypoints(evaluator) -> list[float]:
+    """COCOeval.summarize()'s ten keypoint stats (KEYPOINT_STAT_NAMES) at its 20 detections per image, read off
+    the accumulated arrays as pycocotools does, whichever backend ran."""
+    most = evaluator.params.maxDets[-1]
+    stats = [_summarize(evaluator, True, iou, "all", most) for iou in (None, 0.5, 0.75)]
+    stats += [_summarize(evaluator, True, None, area, most) for area in ("medium", "large")]
+    stats += [_summarize(evaluator, False, iou, "all", most) for iou in (None, 0.5, 0.75)]
+    stats += [_summarize(evaluator, False, None, area, most) for area in ("medium", "large")]
+    return stats
 
 
 def summarize(evaluator: COCOeval) -> list[float]:
@@ -150,17 +200,16 @@ def per_class_ap(evaluator: COCOeval) -> dict[int, float]:
 
 
 def coco_metrics(coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Iterable[int] | None = None,
-                 max_dets: int = 100, iou_types: Sequence[str] = IOU_TYPES, sigmas: Sequence[float] | None = None
-                 ) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+                 max_dets: int = 100, iou_types: Sequence[str] = IOU_TYPES, sigmas: Sequence[float] | None = None,
+                 backend: str | None = None) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
     """({'bbox_AP': ..., 'segm_ARl': ..., 'keypoints_AP': ...}, {iou_type: {category_id: AP}}) as pycocotools
-    computes them (keypoints: COCOeval.summarize's ten stats, KEYPOINT_STAT_NAMES)."""
+    computes them (keypoints: COCOeval.summarize's ten stats, KEYPOINT_STAT_NAMES), on `backend`."""
     image_ids = None if image_ids is None else list(image_ids)
     metrics, per_class = {}, {}
     for iou_type in iou_types:
-        evaluator = run_cocoeval(coco_gt, results, iou_type, image_ids, max_dets, sigmas)
+        evaluator = run_cocoeval(coco_gt, results, iou_type, image_ids, max_dets, sigmas, backend)
         if iou_type == "keypoints":
-            quiet(evaluator.summarize)
-            metrics.update({f"keypoints_{n}": float(v) for n, v in zip(KEYPOINT_STAT_NAMES, evaluator.stats)})
+            metrics.update({f"keypoints_{n}": v for n, v in zip(KEYPOINT_STAT_NAMES, summarize_keypoints(evaluator))})
         else:
             metrics.update({f"{iou_type}_{name}": float(v) for name, v in zip(STAT_NAMES, summarize(evaluator))})
         per_class[iou_type] = per_class_ap(evaluator)
