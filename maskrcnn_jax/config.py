@@ -1,8 +1,9 @@
 """The base configuration every file in configs/ starts from: four sections, every knob a user may turn.
 
     config.model   modeling.defaults.model_config(): backbone, anchors, RPN, RoI heads, detection
-    config.data    which dataset (a built TFDS dir, or COCO-format JSON + images, or generated shapes)
-                   and the input pipeline (fields of data.transforms.InputOptions)
+    config.data    which dataset (a built TFDS dir, or COCO-format JSON + images, or generated shapes), how
+                   its files are read (fields of data.options.BuildOptions) and the input pipeline (fields of
+                   data.options.InputOptions)
     config.train   batch size, schedule, optimizer, logging, checkpointing, evaluation cadence
     config.eval    evaluation batch size, COCOeval maxDets, mask threshold, overlay PNGs
 
@@ -17,7 +18,7 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from maskrcnn_jax.data.options import InputOptions, optional_value_type
+from maskrcnn_jax.data.options import BuildOptions, InputOptions, optional_value_type
 from maskrcnn_jax.modeling.defaults import model_config
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -38,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     data.train_images = config_dict.placeholder(str)
     data.val_json = config_dict.placeholder(str)
     data.val_images = config_dict.placeholder(str)
+    # How the builder treats the files, which it takes for untrusted (data/options.py's BuildOptions says more):
+    # a file_name resolving outside its image folder is an error unless this is True;
+    data.allow_paths_outside_images_dir = BuildOptions.allow_paths_outside_images_dir
+    # an image whose header claims more pixels than this is skipped and counted, never decoded (PIL's own limit).
+    data.max_image_pixels = BuildOptions.max_image_pixels
     data.train_split = "train"
     data.eval_split = "validation"
     # Generated datasets: when num_train > 0, `dir` is filled first and the four paths above come from it (set

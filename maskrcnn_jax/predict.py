@@ -1,15 +1,17 @@
 """`maskrcnn-predict`: run a workdir's model on image files, write overlays and a COCO results JSON.
 
     maskrcnn-predict --workdir=workdir/shapes_demo photos/*.jpg --out=predictions [--score-threshold=0.5]
-                     [--polygons] [--batch-size=1]
+                     [--polygons] [--batch-size=1] [--max-image-pixels=178956970]
 
 Writes into OUT:
     <name>.png      each image with its detections: a colour per instance, mask tint and outline, box, class, score
     results.json    COCO results (image_id, category_id, bbox xywh, score, segmentation as RLE; with --polygons
                     also "polygons", lists of x, y, x, y, ... in pixel coordinates)
     images.json     {"images": [{id, file_name, height, width}], "categories": [...]}: the image ids results.json
-                    uses, so that pycocotools' COCO(images.json).loadRes(results.json) works
-Files that cannot be read are reported and skipped; the rest go on.
+                    uses, so that pycocotools' COCO(images.json).loadRes(results.json) works. Its file_names are
+                    absolute paths: a dataset built from it needs data.allow_paths_outside_images_dir=True
+Files that cannot be read are reported and skipped, and so are images whose header claims more than
+--max-image-pixels pixels (not decoded: a small file may claim a huge image); the rest go on.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageOps, UnidentifiedImageError
 
+from maskrcnn_jax.data.options import PIL_MAX_PIXELS
 from maskrcnn_jax.evaluation import coco
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, max_pixels: int = PIL_MAX_PIXELS) -> np.ndarray:
     """Upright (EXIF orientation applied) uint8 RGB of any image file Pillow reads, gray, RGBA and 16-bit
-    included. OSError / ValueError for files it cannot read."""
-    from maskrcnn_jax.data.coco_format import to_rgb8
+    included. OSError / ValueError for files it cannot read; coco_format.ImageTooLarge (a ValueError), before
+    decoding, for one whose header claims more than `max_pixels` pixels."""
+    from maskrcnn_jax.data.coco_format import open_image, to_rgb8
 
-    with Image.open(path) as image:
+    with open_image(path, max_pixels) as image:
         image.load()
         return np.asarray(to_rgb8(ImageOps.exif_transpose(image)))
 
@@ -58,9 +62,9 @@ def _output_names(paths: Sequence[str]) -> list[str]:
 
 
 def predict_files(predictor, paths: Sequence[str], out_dir: str, score_threshold: float = 0.5,
-                  polygons: bool = False, progress: bool = True) -> dict[str, Any]:
+                  polygons: bool = False, progress: bool = True, max_pixels: int = PIL_MAX_PIXELS) -> dict[str, Any]:
     """Runs `predictor` over `paths` and writes OUT (see the module doc). Returns {'images', 'detections',
-    'unreadable': [(path, reason)]}."""
+    'unreadable': [(path, reason)]}: the files skipped, unreadable or claiming more than `max_pixels` pixels."""
     from tqdm import tqdm
 
     from maskrcnn_jax.serving import visualize
@@ -74,7 +78,7 @@ def predict_files(predictor, paths: Sequence[str], out_dir: str, score_threshold
     def readable_images() -> Iterator[np.ndarray]:
         for image_id, (path, name) in enumerate(zip(paths, names), start=1):
             try:
-                pixels = read_image(path)
+                pixels = read_image(path, max_pixels)
             except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as e:
                 unreadable.append((path, str(e)))
                 bar.write(f"skipping {path}: {e}", file=sys.stderr)
@@ -125,6 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--polygons", action="store_true", help="also write mask polygons into results.json")
     parser.add_argument("--batch-size", type=int, default=1, help="images per network call")
+    parser.add_argument("--max-image-pixels", type=int, default=PIL_MAX_PIXELS,
+                        help="skip, undecoded, images whose header claims more pixels (width x height) than this "
+                             "(default: %(default)s, PIL's own hard stop)")
     return parser.parse_args(argv)
 
 
@@ -135,9 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hide_accelerators_from_tensorflow()
     predictor = Predictor.from_checkpoint(args.workdir, batch_size=args.batch_size)
-    summary = predict_files(predictor, args.images, args.out, args.score_threshold, args.polygons)
+    summary = predict_files(predictor, args.images, args.out, args.score_threshold, args.polygons,
+                            max_pixels=args.max_image_pixels)
     print(f"{summary['images']} images, {summary['detections']} detections written to {args.out}"
-          + (f"; {len(summary['unreadable'])} unreadable files skipped" if summary["unreadable"] else ""))
+          + (f"; {len(summary['unreadable'])} unreadable or oversized files skipped" if summary["unreadable"] else ""))
     return 1 if summary["images"] == 0 else 0
 
 

@@ -37,6 +37,12 @@ may be reading the records, and rebuilding COCO takes long enough to deserve a d
 directory walk of each image folder and, when the JSON's modification time changed, one hash of it.
 
 Datasets built before keypoint support (version 1.0.0, no `keypoints` feature) are still read as they are.
+
+The JSON and the images are untrusted (data/options.py's BuildOptions, `data.allow_paths_outside_images_dir` and
+`data.max_image_pixels`): a `file_name` that resolves outside its split's image folder stops the build before any
+image is read, with an error naming each such image (the first few); an image whose header claims more than
+`max_image_pixels` pixels is skipped undecoded and counted as `too_many_pixels`. The options the dataset was built
+with are kept in the metadata (`build_options`).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from etils import epath
 from maskrcnn_jax.data import coco_format
 from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
 from maskrcnn_jax.data.keypoints import KeypointSchema
+from maskrcnn_jax.data.options import BuildOptions
 
 SPLITS = {"train": ("train_json", "train_images"), "validation": ("val_json", "val_images")}
 _IMAGES_PER_CHUNK = 64  # bounds memory: at most this many decoded images are in flight
@@ -71,12 +78,14 @@ class StaleDatasetError(RuntimeError):
 
 @dataclasses.dataclass(eq=False)
 class CocoInstancesConfig(tfds.core.BuilderConfig):
-    """Names one COCO-format dataset: `name` plus the annotation JSON and image folder of each split."""
+    """Names one COCO-format dataset: `name` plus the annotation JSON and image folder of each split, and how they
+    are read (`options`, see BuildOptions)."""
 
     train_json: str | None = None
     train_images: str | None = None
     val_json: str | None = None
     val_images: str | None = None
+    options: BuildOptions = dataclasses.field(default_factory=BuildOptions)
 
 
 @dataclasses.dataclass
@@ -112,13 +121,36 @@ def format_summary(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_PATH_ERRORS_SHOWN = 5
+
+
+def check_image_paths(index: coco_format.CocoIndex, images_dir: str, options: BuildOptions) -> None:
+    """CocoFormatError naming the images (the first few, and how many in all) whose file_name resolves outside
+    `images_dir`, unless `options.allow_paths_outside_images_dir` (see coco_format.image_path)."""
+    if options.allow_paths_outside_images_dir:
+        return
+    errors = []
+    for image in index.images:
+        try:
+            coco_format.image_path(images_dir, image)
+        except coco_format.CocoFormatError as e:
+            errors.append(str(e))
+    if errors:
+        shown = "\n  ".join(errors[:_PATH_ERRORS_SHOWN])
+        more = f"\n  ... and {len(errors) - _PATH_ERRORS_SHOWN} more" if len(errors) > _PATH_ERRORS_SHOWN else ""
+        raise coco_format.CocoFormatError(
+            f"{index.path}: {len(errors)} of its {len(index.images)} images lie outside {images_dir}:\n  "
+            f"{shown}{more}")
+
+
 def _load_one_image(image_entry: Mapping[str, Any], annotations: list[dict[str, Any]],
-                    categories: coco_format.CategoryMap, keypoint_schema: KeypointSchema | None, images_dir: str):
+                    categories: coco_format.CategoryMap, keypoint_schema: KeypointSchema | None, images_dir: str,
+                    options: BuildOptions = BuildOptions()):
     """-> (example or None, skipped-image reason or None, [(annotation name, reason, detail)],
     [(annotation name, keypoint correction reason, detail)])."""
-    path = os.path.join(images_dir, image_entry["file_name"])
+    path = coco_format.image_path(images_dir, image_entry, options.allow_paths_outside_images_dir)
     try:
-        loaded = coco_format.load_image(path)
+        loaded = coco_format.load_image(path, options.max_image_pixels)
     except coco_format.ImageSkipped as e:
         return None, (e.reason, e.detail), [], []
     expected = (image_entry.get("height", loaded.height), image_entry.get("width", loaded.width))
@@ -209,7 +241,9 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 continue
             if not images_dir:
                 raise ValueError(f"{json_field} is set but {images_field} is not")
-            indexes[split] = (coco_format.load_coco_annotations(json_path), images_dir)
+            index = coco_format.load_coco_annotations(json_path)
+            check_image_paths(index, images_dir, config.options)
+            indexes[split] = (index, images_dir)
         if not indexes:
             raise ValueError("no split to build: set train_json/train_images and/or val_json/val_images")
 
@@ -225,6 +259,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         metadata["categories"] = first_index.categories.to_json()
         metadata["keypoints"] = first_index.keypoints.to_json() if first_index.keypoints else None
         metadata["build_summary"] = {}
+        metadata["build_options"] = dataclasses.asdict(config.options)
         metadata["sources"] = {
             split: source_fingerprint(index.path, images_dir, exclude_dir=os.fspath(self.data_dir_root))
             for split, (index, images_dir) in indexes.items()}
@@ -244,7 +279,8 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 chunk = index.images[start:start + _IMAGES_PER_CHUNK]
                 results = pool.map(
                     lambda entry: _load_one_image(entry, index.annotations_by_image.get(entry["id"], []),
-                                                  index.categories, index.keypoints, images_dir), chunk)
+                                                  index.categories, index.keypoints, images_dir,
+                                                  self.builder_config.options), chunk)
                 for entry, (loaded, image_skip, annotation_skips, corrections) in zip(chunk, results):
                     if image_skip is not None:
                         reason, detail = image_skip
@@ -282,7 +318,8 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 # ----------------------------------------------------------------------------------------------------
 # Entry points for configs: a ConfigDict (or any object / mapping) with
-#   name, data_dir, train_json, train_images, val_json, val_images.
+#   name, data_dir, train_json, train_images, val_json, val_images, and optionally the fields of BuildOptions
+#   (allow_paths_outside_images_dir, max_image_pixels; their defaults where absent).
 
 
 def _field(data_config: Any, key: str) -> Any:
@@ -359,7 +396,8 @@ def _prepared_version(config: CocoInstancesConfig, data_dir: str) -> CocoInstanc
 
 
 def get_builder(data_config: Any) -> CocoInstances:
-    """The builder for `data_config` (built or not). Reads `name`, `data_dir` and the four split paths.
+    """The builder for `data_config` (built or not). Reads `name`, `data_dir`, the four split paths and the
+    BuildOptions fields (defaults where absent).
 
     Raises StaleDatasetError when the dataset is built and the sources given differ from those it was built
     from (see the module doc).
@@ -371,7 +409,8 @@ def get_builder(data_config: Any) -> CocoInstances:
     paths = {key: (os.fspath(value) if value else None)
              for key in ("train_json", "train_images", "val_json", "val_images")
              for value in [_field(data_config, key)]}
-    builder = _prepared_version(CocoInstancesConfig(name=name, **paths), os.fspath(data_dir))
+    options = BuildOptions.from_config(data_config)
+    builder = _prepared_version(CocoInstancesConfig(name=name, **paths, options=options), os.fspath(data_dir))
     if builder.is_prepared():
         sources = builder.info.metadata.get("sources", {})
         changes = [f"{split}: {change}"

@@ -22,23 +22,31 @@ K (x, y, v) triples with v = 0 unlabelled, 1 labelled but not visible, 2 visible
   a labelled keypoint outside the image                             -> that keypoint becomes (0, 0, 0), counted
   v = 0 with a non-zero position; a `num_keypoints` that disagrees  -> position zeroed / count recomputed, counted
 The counts are the build summary's `keypoint_corrections` (see builder.py); each is logged too.
+
+The files are untrusted: an annotation file that is not UTF-8 JSON of COCO's shape is a CocoFormatError naming the
+file; an image `file_name` that resolves outside its image folder is a CocoFormatError naming the image (unless the
+caller allows it, `image_path`); and an image whose header claims more than `max_image_pixels` pixels is never
+decoded (`open_image`, ImageSkipped('too_many_pixels')).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import io
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+import threading
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from maskrcnn_jax.data.keypoints import KeypointSchema
+from maskrcnn_jax.data.options import PIL_MAX_PIXELS
 
 _EXIF_ORIENTATION_TAG = 0x0112
 
@@ -144,12 +152,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load_coco_annotations(path: str | os.PathLike) -> CocoIndex:
     """Reads and validates a COCO instances JSON. Raises CocoFormatError with the reason when it is not one.
 
-    Checks: the top-level keys and their types, unique image and category ids, every annotation names an
-    existing image and a category from the category list (the error names the annotation and the id), and the
-    keypoint declarations of the categories (see the module doc).
+    Checks: that it is UTF-8 (or UTF-16/32) JSON, the top-level keys and their types, unique image and category
+    ids, every annotation names an existing image and a category from the category list (the error names the
+    annotation and the id), the types of its bbox, area and iscrowd, and the keypoint declarations of the
+    categories (see the module doc). Segmentations are checked per annotation when decoded (`parse_instance`).
     """
     path = os.fspath(path)
     try:
@@ -159,6 +172,8 @@ def load_coco_annotations(path: str | os.PathLike) -> CocoIndex:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CocoFormatError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError as e:  # arrays or objects nested thousands deep
+        raise CocoFormatError(f"{path} is not a valid COCO instances file: it nests too deeply to read ({e})") from e
     _require(isinstance(data, dict), path, "the top level is not an object")
     for key in ("images", "annotations", "categories"):
         _require(key in data, path, f"missing key '{key}'")
@@ -205,6 +220,13 @@ def load_coco_annotations(path: str | os.PathLike) -> CocoIndex:
             raise CocoFormatError(
                 f"{path}: {name} (image {annotation['image_id']}) has keypoints, but its category {category_id} "
                 "names no keypoints: give the category a 'keypoints' list of names")
+        bbox, area = annotation.get("bbox"), annotation.get("area")
+        _require(bbox is None or (isinstance(bbox, list) and all(_is_number(v) for v in bbox)), path,
+                 f"{name} (image {annotation['image_id']}) has bbox {bbox!r}, not a list of numbers")
+        _require(area is None or _is_number(area), path,
+                 f"{name} (image {annotation['image_id']}) has area {area!r}, not a number")
+        _require(annotation.get("iscrowd", 0) in (0, 1), path,
+                 f"{name} (image {annotation['image_id']}) has iscrowd {annotation.get('iscrowd')!r}, not 0 or 1")
         by_image[annotation["image_id"]].append(annotation)
     return CocoIndex(path, images, dict(by_image), categories, keypoint_schema)
 
@@ -258,6 +280,75 @@ def _has_labelled_keypoints(raw: Any) -> bool:
 # Images.
 
 
+def image_path(images_dir: str, image: Mapping[str, Any], allow_outside: bool = False) -> str:
+    """The file of a JSON image entry: its `file_name` joined to `images_dir`.
+
+    CocoFormatError, naming the image id and file_name, when that resolves (os.path.realpath of both, so links
+    are followed) outside `images_dir`: `../x.jpg`, an absolute path, or a link in the folder pointing out of it.
+    `allow_outside=True` (data.allow_paths_outside_images_dir) returns such paths as they are.
+    """
+    file_name = image["file_name"]
+    path = os.path.join(images_dir, file_name)
+    if allow_outside:
+        return path
+    root = os.path.realpath(images_dir)
+    try:
+        target = os.path.realpath(path)
+        inside = os.path.commonpath([root, target]) == root
+    except ValueError as e:  # an embedded NUL byte (or, on Windows, another drive)
+        target, inside = f"no path ({e})", False
+    if not inside:
+        raise CocoFormatError(
+            f"image {image.get('id')!r} has file_name {file_name!r}, which resolves to {target}, outside its image "
+            f"folder {root}; set data.allow_paths_outside_images_dir=True (--allow_paths_outside_images_dir with "
+            "maskrcnn_jax.data.build) to read such paths")
+    return path
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than the limit it is read with; it is not decoded."""
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_without_pils_limit(path: str) -> Image.Image:
+    """Image.open with PIL's own size check (a DecompressionBombError past twice Image.MAX_IMAGE_PIXELS) lifted.
+    That limit is process-global: it is lifted under a lock and put back at once. Opens through `open_image` that
+    run meanwhile without the lock check their own limit whatever PIL's is."""
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+@contextlib.contextmanager
+def open_image(path: str, max_pixels: int = PIL_MAX_PIXELS) -> Iterator[Image.Image]:
+    """`with open_image(path, max_pixels) as image:` a PIL image whose header has been read (Image.open reads no
+    more) and whose width x height is at most `max_pixels`, not yet decoded. ImageTooLarge (a ValueError)
+    otherwise, before any pixel is decoded: a small file may claim a huge image.
+
+    `max_pixels` is the one limit that decides: PIL's own (Image.MAX_IMAGE_PIXELS, whatever this process set it to)
+    is lifted for the open when it is below `max_pixels`, and when PIL refuses a header the header is read again
+    without it, so that the refusal is reported in these terms."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is not None and max_pixels > 2 * pil_limit:
+        image = _open_without_pils_limit(path)
+    else:
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError:
+            image = _open_without_pils_limit(path)
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"{path}: its header claims {width} x {height} = {width * height:,} pixels, more "
+                                f"than max_image_pixels = {max_pixels:,}; it is not decoded")
+        yield image
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedImage:
     encoded: bytes  # JPEG or PNG of an upright 8-bit RGB image
@@ -282,23 +373,26 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str) -> LoadedImage:
+def load_image(path: str, max_pixels: int = PIL_MAX_PIXELS) -> LoadedImage:
     """Reads an image fully (so a truncated file fails here, not in training) and returns upright RGB bytes.
 
     An 8-bit RGB JPEG or PNG without EXIF rotation keeps its own bytes; anything else (grayscale, RGBA,
     palette, 16-bit, CMYK, EXIF-rotated, other formats) is converted to 8-bit RGB, rotated upright and
-    re-encoded as lossless PNG. Raises ImageSkipped('missing_image' | 'unreadable_image') otherwise.
+    re-encoded as lossless PNG. Raises ImageSkipped('missing_image' | 'unreadable_image' | 'too_many_pixels'
+    (the header claims more than `max_pixels` pixels; see `open_image`)) otherwise.
     """
     if not os.path.isfile(path):
         raise ImageSkipped("missing_image", f"no file {path}")
     try:
-        with Image.open(path) as image:
+        with open_image(path, max_pixels) as image:
             image.load()
             orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
             if image.format in ("JPEG", "PNG") and image.mode == "RGB" and orientation == 1:
                 with open(path, "rb") as f:
                     return LoadedImage(f.read(), image.height, image.width, reencoded=False)
             upright = to_rgb8(ImageOps.exif_transpose(image))
+    except ImageTooLarge as e:
+        raise ImageSkipped("too_many_pixels", str(e)) from e
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         # Pillow raises OSError for truncated data, UnidentifiedImageError for garbage, and
         # SyntaxError/ValueError from some format parsers on corrupt headers.
@@ -341,6 +435,13 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 
     Polygons with fewer than three points are dropped. Raises InstanceSkipped for what cannot be decoded.
     """
+    try:
+        return _decode_segmentation(segmentation, height, width)
+    except (TypeError, ValueError, OverflowError) as e:  # numbers that are not, an RLE pycocotools refuses
+        raise InstanceSkipped("invalid_segmentation", f"it cannot be decoded: {e}") from e
+
+
+def _decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation
                     if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]

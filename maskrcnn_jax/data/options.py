@@ -1,5 +1,6 @@
-"""`InputOptions`: what the input pipeline does to each example. Its fields, with their defaults, are the
-`data.*` fields of every config (config.base_config reads them from here); no TensorFlow is imported."""
+"""`InputOptions`: what the input pipeline does to each example, and `BuildOptions`: how the dataset builder treats
+the files it reads. Their fields, with their defaults, are `data.*` fields of every config (config.base_config reads
+them from here); no TensorFlow is imported."""
 
 from __future__ import annotations
 
@@ -89,6 +90,53 @@ class InputOptions:
             value = config.get(field.name) if isinstance(config, Mapping) else getattr(config, field.name, None)
             if value is not None:
                 values[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
+        return cls(**values)
+
+
+# PIL's own hard stop: Image.open refuses more than twice Image.MAX_IMAGE_PIXELS (89,478,485, "a 1 GB RGBA image"),
+# i.e. 178,956,970 pixels, with a DecompressionBombError. The builder's default limit is the same number, so the two
+# agree where neither is changed.
+PIL_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How the COCO-format builder (data/coco_dataset.py) treats its inputs, which it takes for untrusted. Every
+    field is a config knob (`data.<field>`) and a flag of `python -m maskrcnn_jax.data.build`.
+
+    `allow_paths_outside_images_dir`: an image's `file_name` is read relative to its split's image folder, and one
+    that resolves outside it (`../x.jpg`, an absolute path, or a link in the folder pointing out of it; both sides
+    through os.path.realpath) stops the build with an error naming the image, so that a downloaded annotation file
+    cannot make the builder read, and store in the records, any file of the machine. True reads such paths as given
+    (for a JSON whose `file_name`s are absolute on purpose).
+
+    `max_image_pixels`: an image whose header claims more pixels (width x height) than this is skipped and counted
+    (`too_many_pixels` in the build summary) before it is decoded: a small file can claim a huge image (a
+    "decompression bomb"), and decoding it, and the full-image instance masks of its annotations, would take width x
+    height bytes each. The default, 178,956,970 (PIL's own hard stop, twice its Image.MAX_IMAGE_PIXELS), is some
+    580 times a COCO image (640 x 480) and holds a 13,000 x 13,000 scan; a limit above it lifts PIL's own check for
+    these reads only.
+    """
+
+    allow_paths_outside_images_dir: bool = False
+    max_image_pixels: int = PIL_MAX_PIXELS
+
+    def __post_init__(self):
+        if not isinstance(self.allow_paths_outside_images_dir, bool):
+            raise ValueError(f"allow_paths_outside_images_dir must be True or False, got "
+                             f"{self.allow_paths_outside_images_dir!r}")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or \
+                self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be a positive integer, got {self.max_image_pixels!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "BuildOptions":
+        """Takes the fields of this class that `config` (a ConfigDict, mapping or object) has; ignores the rest."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = config.get(field.name) if isinstance(config, Mapping) else getattr(config, field.name, None)
+            if value is not None:
+                values[field.name] = value
         return cls(**values)
 
 

@@ -8,6 +8,7 @@ one of these is an error that says what to set.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from maskrcnn_jax.data import coco_dataset, stick_figures, synthetic
+from maskrcnn_jax.data.options import BuildOptions
 
 SOURCE_FIELDS = ("train_json", "train_images", "val_json", "val_images")
 # data.<section> -> (generate(out_dir, num_train, num_val, seed), the four paths of a written folder)
@@ -33,11 +35,12 @@ def generated_section(data: ml_collections.ConfigDict) -> str | None:
 
 
 def dataset_sources(data: ml_collections.ConfigDict) -> dict[str, Any]:
-    """{'name', 'data_dir', 'train_json', 'train_images', 'val_json', 'val_images'} of the configured dataset.
-    The config itself is left as it is."""
+    """{'name', 'data_dir', 'train_json', 'train_images', 'val_json', 'val_images'} of the configured dataset,
+    with the BuildOptions fields (how its files are read). The config itself is left as it is."""
     if not data.data_dir:
         raise ValueError("data.data_dir must name the folder for the built dataset")
-    sources = {"name": data.name, "data_dir": data.data_dir}
+    sources = {"name": data.name, "data_dir": data.data_dir,
+               **{field.name: data.get(field.name) for field in dataclasses.fields(BuildOptions)}}
     explicit = {field: data.get(field) for field in SOURCE_FIELDS}
     generated = generated_section(data)
     if generated is None:
