@@ -6,9 +6,13 @@
 Flags are only the config file (with `--config.a.b=value` overrides; an unknown key is an error), the workdir,
 whether to start `jax.distributed` (auto: when a cluster is detected, see engine.parallel.in_cluster), and whether
 library warnings reach the console (they always go to the log file in WORKDIR/logs).
+
+A workdir that another run holds (WORKDIR/train.lock), whose checkpoints do not restore, or whose disk refuses a
+save ends the command with that error in one line, on the console and in the log file, and exit status 1.
 """
 
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -34,11 +38,18 @@ def main(argv):
 
     hide_accelerators_from_tensorflow()
     parallel.initialize_distributed(FLAGS.distributed)
+    from absl import logging
+
     from maskrcnn_jax import train
-    from maskrcnn_jax.engine import workdir as workdir_lib
+    from maskrcnn_jax.engine import checkpointing, workdir as workdir_lib
     from maskrcnn_jax.evaluation import coco
 
-    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (workdir_lib.WorkdirLockedError, checkpointing.CheckpointRestoreError,
+            checkpointing.CheckpointSaveError) as error:
+        logging.error("%s: %s", type(error).__name__, error)
+        sys.exit(1)
     if metrics:
         print(f"{coco.headline(metrics)}  (COCO AP@[.5:.95]; all metrics "
               f"in {os.path.join(FLAGS.workdir, workdir_lib.METRICS_FILE)})", flush=True)

@@ -1,8 +1,10 @@
 """Training: `train_step` and `train_and_evaluate(config, workdir)`, composed from the engine.
 
 Data parallelism is one `jax.jit` over a 1-D `Mesh(devices, ('data',))` (engine.parallel): the batch is sharded
-`P('data')`, the train state is replicated and donated. A run resumes from the latest checkpoint in
-WORKDIR/checkpoints (engine.checkpointing), saves on SIGTERM, and evaluates with evaluation.CocoEvaluator.
+`P('data')`, the train state is replicated and donated. A run holds WORKDIR/train.lock while it trains
+(engine.workdir.TrainingLock; with several processes process 0 holds it for all), resumes from the newest checkpoint
+in WORKDIR/checkpoints that restores (engine.checkpointing), saves on SIGTERM, and evaluates with
+evaluation.CocoEvaluator. train.eval_only only reads the checkpoints and takes no lock.
 
 The step and its jit need no TensorFlow: the input pipeline and the evaluator (which do) are imported by
 `train_and_evaluate` itself, so the step runs where only JAX is installed (benchmarks/accelerator.py).
@@ -10,8 +12,9 @@ The step and its jit need no TensorFlow: the input pipeline and the evaluator (w
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from maskrcnn_jax import config as config_lib
@@ -132,16 +136,51 @@ def evaluated_step(manager, step: int | None) -> int:
     return int(step)
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds WORKDIR/train.lock for the run. All processes of a run share one workdir, so process 0 alone takes the
+    lock and tells the others whether it got it: a second run stops on every process, before any of them writes."""
+    lock = workdir_lib.TrainingLock(workdir)
+    if jax.process_count() == 1:
+        with lock:
+            yield
+        return
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirLockedError as e:
+            error = e
+    locked = bool(multihost_utils.broadcast_one_to_all(np.asarray(error is None, np.int32)))
+    if error is not None:
+        raise error
+    if not locked:
+        raise workdir_lib.WorkdirLockedError(f"process 0 could not lock {workdir}: another run holds it (process "
+                                             "0's log names it)")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
     """Trains up to `config.train.num_steps` steps (resuming from WORKDIR/checkpoints), evaluating every
     `train.eval_every` steps and after the last (`train.final_eval`); with `train.eval_only` only evaluates the
     checkpoint `eval.step` (default: the latest), which must exist. The last step is always checkpointed. Returns the
-    last evaluation's metrics (coco.METRIC_KEYS) or None."""
+    last evaluation's metrics (coco.METRIC_KEYS) or None. Training holds the workdir's lock (`workdir_lock`): a
+    second run on the same workdir raises WorkdirLockedError naming the first; evaluation only reads and takes none."""
+    config_lib.validate(config)
+    if config.train.eval_only:
+        return _train_and_evaluate(config, workdir)
+    with workdir_lock(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
     from maskrcnn_jax.data import coco_dataset, pipeline
     from maskrcnn_jax.engine import datasets
     from maskrcnn_jax.evaluation.evaluator import CocoEvaluator
 
-    config_lib.validate(config)
     mesh = parallel.make_mesh()
     local_batch_size = parallel.local_batch_size(config.train.batch_size, "train.batch_size", mesh)
     parallel.local_batch_size(config.eval.batch_size, "eval.batch_size", mesh)
@@ -173,8 +212,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             manager.close()
 
     batches_consumed = 0
-    if manager.latest_step() is not None:
-        state, batches_consumed = checkpointing.restore_checkpoint(manager, state)
+    try:
+        resumed = checkpointing.restore_latest(manager, state, workdir_lib.unreadable_checkpoint_dir(workdir))
+    except BaseException:
+        manager.close()
+        raise
+    if resumed is not None:
+        state, batches_consumed = resumed
         logging.info("resumed from %s at step %d", manager.directory, int(jax.device_get(state.step)))
 
     options = InputOptions.from_config(config.data)
@@ -193,6 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("training steps %d..%d on %d devices (%d processes), %d images per step", start_step + 1,
                  num_steps, mesh.size, jax.process_count(), config.train.batch_size)
     batches = parallel.device_batches(iterator, num_steps - start_step, mesh, inputs)
+    failed = True
     try:
         for step, (local, batch) in zip(range(start_step + 1, num_steps + 1), batches):
             if step == start_step + 1:
@@ -219,9 +264,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 checkpointing.save_checkpoint(manager, state, consumed)
                 logging.warning("preemption requested: saved step %d to %s and stopping", step, manager.directory)
                 break
+        failed = False
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        preemption.close()
+        # A save that fails in Orbax's background thread raises here (the last one) or at the next save; with an
+        # error already on its way it is only logged.
+        try:
+            checkpointing.close_manager(manager, quiet=failed)
+        finally:
+            writer.close()
+            preemption.close()
     return metrics

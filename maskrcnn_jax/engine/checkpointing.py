@@ -5,18 +5,30 @@ step, RNG) as item "state" and the data-iterator position as item "data". The ne
 `train.max_checkpoints_to_keep` are kept, and the one with the best mask AP besides. Saves are asynchronous; a save
 interrupted by a kill leaves a temporary folder that Orbax ignores, so the latest complete checkpoint survives.
 One `create_train_state` serves training, the weight importers and prediction.
+
+A workdir is not trusted to be whole. A checkpoint that does not restore (truncated or overwritten files, a missing
+item) raises CheckpointRestoreError naming its step and folder; a resume (`restore_latest`) then warns and falls back
+to the newest one that restores, and only when none does stops with an error naming each. A save that fails (a full
+or read-only disk) raises CheckpointSaveError naming the step, the folder and the OS error, whether it fails at once
+or in Orbax's background thread (then at the next save or at `close_manager`); the checkpoints before it stay whole.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import signal
+import weakref
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import struct
 from jax.experimental import multihost_utils
 
@@ -85,33 +97,173 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
     return ocp.CheckpointManager(workdir_lib.checkpoint_dir(workdir), item_names=("state", "data"), options=options)
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (its step, folder and the underlying error in the message)."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A checkpoint could not be restored (its step, folder and the underlying error in the message)."""
+
+
+# The step each manager's asynchronous save is writing, so that an error surfacing later names it.
+_SAVING: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
+
+
+def _describe(error: BaseException, limit: int = 400) -> str:
+    """`error` in one line: its type, its errno's name if it has one, and its message cut to `limit` characters
+    (TensorStore's messages end in a long JSON spec)."""
+    code = getattr(error, "errno", None)
+    name = f" ({errno.errorcode[code]})" if isinstance(code, int) and code in errno.errorcode else ""
+    message = " ".join(str(error).split())
+    message = message if len(message) <= limit else message[:limit] + "..."
+    return f"{type(error).__name__}{name}: {message}"
+
+
+def _save_error(manager: ocp.CheckpointManager, step: int | None, error: BaseException) -> CheckpointSaveError:
+    which = f"step {step}" if step is not None else "a checkpoint"
+    kept = manager.latest_step()
+    kept = f"the last complete checkpoint, step {kept}, is untouched" if kept is not None else "no earlier checkpoint"
+    return CheckpointSaveError(
+        f"could not save {which} to {manager.directory} ({_describe(error)}); {kept}. Make room on (or give write "
+        f"access to) {manager.directory} and rerun: training resumes from the last complete checkpoint")
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Waits for the asynchronous save in flight; a failure of it raises CheckpointSaveError naming its step."""
+    step = _SAVING.pop(manager, None)
+    try:
+        manager.wait_until_finished()
+    except Exception as error:
+        raise _save_error(manager, step, error) from error
+
+
+def close_manager(manager: ocp.CheckpointManager, quiet: bool = False) -> None:
+    """Finishes the save in flight and closes `manager`. A failed save raises CheckpointSaveError, or with `quiet`
+    (another error is already on its way) is only logged. The manager is closed either way."""
+    error = None
+    try:
+        finish_saves(manager)
+    except CheckpointSaveError as e:
+        error = e
+    try:
+        manager.close()
+    except Exception as e:  # the failed save's error once more, or a failure to close
+        if error is None:
+            error = _save_error(manager, None, e)
+            error.__cause__ = e
+    if error is not None:
+        if not quiet:
+            raise error
+        logging.error("%s", error)
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, batches_consumed: int,
                     metrics: Mapping[str, float] | None = None) -> None:
+    """Starts the asynchronous save of `state` (after the previous save has finished). An error, of this save's
+    start or of the previous save, raises CheckpointSaveError."""
     step = int(jax.device_get(state.step))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=ocp.args.JsonSave({"batches_consumed": batches_consumed})),
-                 metrics=dict(metrics) if metrics else None, force=True)
+    finish_saves(manager)
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave({"batches_consumed": batches_consumed})),
+                     metrics=dict(metrics) if metrics else None, force=True)
+    except Exception as error:
+        raise _save_error(manager, step, error) from error
+    _SAVING[manager] = step
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, step: int | None = None
                        ) -> tuple[TrainState, int]:
     """(state, batches_consumed) of checkpoint `step` (default: the latest), restored with `state`'s shapes and
-    shardings (concrete arrays or ShapeDtypeStructs)."""
+    shardings (concrete arrays or ShapeDtypeStructs). A checkpoint that does not restore raises
+    CheckpointRestoreError naming it."""
     step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             data=ocp.args.JsonRestore()))
-    return restored["state"], int(restored["data"]["batches_consumed"])
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 data=ocp.args.JsonRestore()))
+        batches_consumed = int(restored["data"]["batches_consumed"])
+    except Exception as error:
+        raise CheckpointRestoreError(f"checkpoint step {step} in {manager.directory} does not restore "
+                                     f"({_describe(error)})") from error
+    return restored["state"], batches_consumed
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True if `ok` on every process (so that they all resume from the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState, set_aside_dir: str | None = None
+                   ) -> tuple[TrainState, int] | None:
+    """(state, batches_consumed) of the newest checkpoint that restores, or None if there is no checkpoint.
+
+    A newer checkpoint that does not restore is logged (its step, folder and error) and skipped; if an older one
+    restores, the skipped ones are moved into `set_aside_dir` (when given, by process 0), out of the way of the new
+    saves of their steps. If none restores, CheckpointRestoreError names each; nothing is moved then, since the
+    cause may be the config rather than the files."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    failures: list[tuple[int, CheckpointRestoreError]] = []
+    for step in steps:
+        try:
+            restored = restore_checkpoint(manager, state, step)
+            ok = True
+        except CheckpointRestoreError as error:
+            restored, ok = error, False
+        if not _all_processes_agree(ok):
+            if ok:
+                restored = CheckpointRestoreError(f"checkpoint step {step} in {manager.directory} does not restore "
+                                                  "on another process (see its log)")
+            logging.warning("%s; trying the checkpoint before it", restored)
+            failures.append((step, restored))
+            continue
+        if failures:
+            skipped = ", ".join(str(s) for s, _ in failures)
+            logging.warning("resuming from step %d in %s: the newer checkpoint(s) %s do not restore", step,
+                            manager.directory, skipped)
+            if set_aside_dir is not None:
+                _set_aside(manager, [s for s, _ in failures], set_aside_dir)
+        return restored
+    details = "; ".join(str(error) for _, error in failures)
+    raise CheckpointRestoreError(
+        f"no checkpoint in {manager.directory} restores: {details}. If the config changed since they were written, "
+        f"restore it; else move {manager.directory} away to train from scratch")
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int], set_aside_dir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(set_aside_dir, exist_ok=True)
+        for step in steps:
+            source = os.path.join(str(manager.directory), str(step))
+            target = os.path.join(set_aside_dir, str(step))
+            suffix = 1
+            while os.path.exists(target):
+                target = os.path.join(set_aside_dir, f"{step}.{suffix}")
+                suffix += 1
+            shutil.move(source, target)
+            logging.warning("moved the unreadable checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+    manager.reload()
 
 
 def write_initial_checkpoint(workdir: str, config: ml_collections.ConfigDict, state: TrainState) -> str:
-    """Saves `state` as step 0 of WORKDIR/checkpoints (an import); returns the checkpoint directory."""
-    manager = checkpoint_manager(workdir, config)
-    try:
-        save_checkpoint(manager, state, 0)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+    """Saves `state` as step 0 of WORKDIR/checkpoints (an import), holding the workdir's training lock; returns the
+    checkpoint directory."""
+    with workdir_lib.TrainingLock(workdir):
+        manager = checkpoint_manager(workdir, config)
+        try:
+            save_checkpoint(manager, state, 0)
+        except BaseException:
+            close_manager(manager, quiet=True)
+            raise
+        close_manager(manager)
     return str(manager.directory)
 
 
