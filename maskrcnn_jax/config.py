@@ -7,6 +7,8 @@
     config.train   batch size, schedule, optimizer, logging, checkpointing, evaluation cadence
     config.eval    evaluation batch size, COCOeval maxDets, mask threshold, overlay PNGs
 
+and `config.compilation_cache_dir`, where compiled executables are kept between runs.
+
 Optional values are ml_collections placeholders (typed None), so `--config.data.short_side=800` still parses
 as an int. `validate(config)` checks combinations that a single field cannot.
 """
@@ -106,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     evaluation.kpt_oks_sigmas = ()
     evaluation.num_overlays = 0  # PNGs of predictions on the first validation images, in WORKDIR/overlays
     evaluation.overlay_score_threshold = 0.5
+    # JAX's persistent compilation cache (engine/compilation_cache.py): None = the user's cache directory,
+    # "" = off, else the folder. A second run on the same shapes loads its executables instead of compiling.
+    config.compilation_cache_dir = config_dict.placeholder(str)
     return config
 
 

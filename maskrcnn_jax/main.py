@@ -40,6 +40,11 @@ def main(argv):
     parallel.initialize_distributed(FLAGS.distributed)
     from absl import logging
 
+    from maskrcnn_jax.engine import compilation_cache
+
+    cache = compilation_cache.enable(FLAGS.config.compilation_cache_dir)  # before anything compiles
+    logging.info("persistent compilation cache: %s", cache or "off")
+
     from maskrcnn_jax import train
     from maskrcnn_jax.engine import checkpointing, workdir as workdir_lib
     from maskrcnn_jax.evaluation import coco

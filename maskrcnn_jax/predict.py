@@ -2,6 +2,7 @@
 
     maskrcnn-predict --workdir=workdir/shapes_demo photos/*.jpg --out=predictions [--score-threshold=0.5]
                      [--polygons] [--batch-size=1] [--max-image-pixels=178956970]
+                     [--compilation-cache-dir=~/.cache/maskrcnn_jax/jax]
 
 Writes into OUT:
     <name>.png      each image with its detections: a colour per instance, mask tint and outline, box, class, score
@@ -132,15 +133,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-image-pixels", type=int, default=PIL_MAX_PIXELS,
                         help="skip, undecoded, images whose header claims more pixels (width x height) than this "
                              "(default: %(default)s, PIL's own hard stop)")
+    parser.add_argument("--compilation-cache-dir", default=None,
+                        help="keep compiled executables here, so that the next run on the same canvas does not "
+                             "compile again (default: the user's cache directory, ~/.cache/maskrcnn_jax/jax; '' "
+                             "turns it off)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from maskrcnn_jax.data.devices import hide_accelerators_from_tensorflow
+    from maskrcnn_jax.engine import compilation_cache
     from maskrcnn_jax.serving.predictor import Predictor
 
     hide_accelerators_from_tensorflow()
+    compilation_cache.enable(args.compilation_cache_dir)  # before anything compiles
     predictor = Predictor.from_checkpoint(args.workdir, batch_size=args.batch_size)
     summary = predict_files(predictor, args.images, args.out, args.score_threshold, args.polygons,
                             max_pixels=args.max_image_pixels)
