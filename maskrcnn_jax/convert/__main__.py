@@ -14,6 +14,8 @@ a Keypoint R-CNN file) or configs/detectron2_maskrcnn_r50_fpn.py.
 Reading .pth files needs torch (the `parity` extra).
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,7 +23,7 @@ from maskrcnn_jax.convert.checkpoint import write_checkpoint
 from maskrcnn_jax.convert.coco_categories import COCO_PERSON_KEYPOINTS, coco_category_map
 from maskrcnn_jax.convert.configs import SOURCES, default_config
 from maskrcnn_jax.convert.finetune import COCO_CATEGORY_IDS, keep_class_slots
-from maskrcnn_jax.convert.detectron2 import from_detectron2, load_detectron2_pickle
+from maskrcnn_jax.convert.detectron2 import RefusedPickleError, from_detectron2, load_detectron2_pickle
 from maskrcnn_jax.convert.torchvision import from_torchvision, is_keypoint_state_dict, load_torch_file
 from maskrcnn_jax.engine.workdir import write_categories, write_keypoint_schema
 
@@ -52,7 +54,10 @@ def main(argv):
     else:
         if FLAGS.class_slots != "all":
             raise app.UsageError("--class_slots applies to torchvision checkpoints only")
-        weights = load_detectron2_pickle(path)
+        try:
+            weights = load_detectron2_pickle(path)
+        except RefusedPickleError as error:
+            sys.exit(f"error: {error}")  # one line, exit status 1; nothing of the file ran
         c4 = any(key.startswith("roi_heads.res5.") for key in weights)
         config = FLAGS.config or default_config("detectron2_c4" if c4 else "detectron2")
         imported = from_detectron2(weights, norm=config.model.backbone.norm, input_order=FLAGS.input_order,

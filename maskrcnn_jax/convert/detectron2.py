@@ -73,10 +73,61 @@ STEM_CONV = ("backbone", "body", "conv1")  # the one conv that reads the image
 _NORM_LEAVES = {"weight": "weight", "bias": "bias", "running_mean": "running_mean", "running_var": "running_var"}
 
 
-def load_detectron2_pickle(path: str) -> dict[str, np.ndarray]:
-    """Reads a detectron2 model-zoo .pkl or a Caffe2/MSRA .pkl into {name: float32 array} (names unchanged)."""
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
+    """A .pkl names a global outside `_PICKLE_GLOBALS`: unpickling it could run arbitrary code, so it is not read."""
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode` as Python 3 pickles bytes at protocol < 3 (bytes -> latin-1 text -> this); nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed only as pickle writes bytes, got {encoding!r}")
+    return text.encode("latin1")
+
+
+# Everything a pickle of NumPy arrays, numbers and plain containers names (dicts, lists, tuples, str, bytes and
+# numbers have opcodes of their own): NumPy 1 writes numpy.core.*, NumPy 2 numpy._core.*; protocol 5 rebuilds
+# contiguous arrays with _frombuffer; Python 2 files (protocol 2) say __builtin__ where Python 3 says builtins.
+_BUILTINS = ("set", "frozenset", "bytearray", "bytes", "complex", "int", "float", "bool", "str", "list", "dict",
+             "tuple", "range", "slice", "xrange", "long", "unicode")
+_PICKLE_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")]
+    + [(module, name) for module in ("builtins", "__builtin__") for name in _BUILTINS])
+
+
+class _ArraysUnpickler(pickle.Unpickler):
+    """An Unpickler that rebuilds only NumPy arrays, dtypes, numbers and plain containers: any other global (os.system,
+    builtins.eval, a class whose constructor does something) is refused before it is imported or called."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="latin1")  # the MSRA files were pickled by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise RefusedPickleError(
+                f"refusing {self.path}: it asks for {module}.{name}, and loading it would run that code (a "
+                "detectron2 .pkl needs only NumPy arrays, numbers and plain containers)")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise RefusedPickleError(f"refusing {self.path}: it holds a persistent id ({pid!r}), not plain arrays")
+
+
+def load_array_pickle(path: str) -> Any:
+    """Unpickles `path` allowing only NumPy arrays, dtypes, numbers and plain containers (`_PICKLE_GLOBALS`); a
+    file that names anything else raises RefusedPickleError without running it."""
     with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")  # the MSRA files were pickled by Python 2
+        return _ArraysUnpickler(f, path).load()
+
+
+def load_detectron2_pickle(path: str) -> dict[str, np.ndarray]:
+    """Reads a detectron2 model-zoo .pkl or a Caffe2/MSRA .pkl into {name: float32 array} (names unchanged).
+    Only arrays, numbers and plain containers are unpickled (`load_array_pickle`): anything else is refused."""
+    data = load_array_pickle(path)
     if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
         data = data["model"]
     elif isinstance(data, Mapping) and "blobs" in data and isinstance(data["blobs"], Mapping):

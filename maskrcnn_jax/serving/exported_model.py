@@ -56,7 +56,7 @@ class ExportedModel(host.ImagePredictor):
         self.canvases = exported_canvases(directory)
         if not self.canvases:
             raise FileNotFoundError(f"no exported network (model_<H>x<W>.stablehlo) in {directory}")
-        with np.load(os.path.join(directory, WEIGHTS_FILE)) as weights:
+        with np.load(os.path.join(directory, WEIGHTS_FILE), allow_pickle=False) as weights:  # arrays only
             self.weights = [jax.device_put(weights[f"arr_{i}"]) for i in range(len(weights.files))]
         self._calls = {}  # canvas -> jitted call of its exported function, deserialized on first use
         self._substituted = set()
