@@ -1,23 +1,18 @@
 """Configs: the base layout, the three config files, command-line overrides and rejected misspellings."""
 
 import os
+import sys
 
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
 from maskrcnn_jax import config as config_lib
 from maskrcnn_jax.engine import optim
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from config_overrides import parse_config as parse  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def parse(config_file, *overrides):
-    argv = ["prog", f"--config={os.path.join(ROOT, 'configs', config_file)}", *overrides]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
-    values(argv)
-    return values.config
 
 
 def test_base_config_has_the_four_sections_and_validates():

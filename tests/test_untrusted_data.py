@@ -5,12 +5,11 @@ coco_format and maskrcnn-predict each, on tiny files the tests write."""
 import json
 import os
 import struct
+import sys
 import zlib
 
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 from PIL import Image
 
 pytest.importorskip("tensorflow_datasets")
@@ -19,6 +18,9 @@ from maskrcnn_jax import config as config_lib  # noqa: E402
 from maskrcnn_jax import predict  # noqa: E402
 from maskrcnn_jax.data import coco_dataset, coco_format, options  # noqa: E402
 from maskrcnn_jax.engine import datasets  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from config_overrides import parse_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = [{"id": 1, "name": "thing"}]
@@ -209,19 +211,11 @@ def test_predicts_limit_is_a_flag(tmp_path):
 # The config fields.
 
 
-def _parse(*overrides):
-    argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'test.py')}", *overrides]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
-    values(argv)
-    return values.config
-
-
 def test_the_build_options_are_config_fields_with_safe_defaults():
     config = config_lib.base_config()
     assert config.data.allow_paths_outside_images_dir is False
     assert config.data.max_image_pixels == options.PIL_MAX_PIXELS == 178_956_970
-    overridden = _parse("--config.data.allow_paths_outside_images_dir=True", "--config.data.max_image_pixels=1000")
+    overridden = parse_config("test.py", "--config.data.allow_paths_outside_images_dir=True", "--config.data.max_image_pixels=1000")
     built_with = options.BuildOptions.from_config(overridden.data)
     assert built_with == options.BuildOptions(allow_paths_outside_images_dir=True, max_image_pixels=1000)
     builder = coco_dataset.get_builder({"name": "x", "data_dir": "/nonexistent", "max_image_pixels": 1000})

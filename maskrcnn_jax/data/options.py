@@ -85,12 +85,7 @@ class InputOptions:
     @classmethod
     def from_config(cls, config: Any) -> "InputOptions":
         """Takes the fields of this class that `config` (a ConfigDict or mapping) has; ignores the rest."""
-        values = {}
-        for field in dataclasses.fields(cls):
-            value = config.get(field.name) if isinstance(config, Mapping) else getattr(config, field.name, None)
-            if value is not None:
-                values[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
-        return cls(**values)
+        return cls(**fields_from_config(cls, config))
 
 
 # PIL's own hard stop: Image.open refuses more than twice Image.MAX_IMAGE_PIXELS (89,478,485, "a 1 GB RGBA image"),
@@ -132,12 +127,18 @@ class BuildOptions:
     @classmethod
     def from_config(cls, config: Any) -> "BuildOptions":
         """Takes the fields of this class that `config` (a ConfigDict, mapping or object) has; ignores the rest."""
-        values = {}
-        for field in dataclasses.fields(cls):
-            value = config.get(field.name) if isinstance(config, Mapping) else getattr(config, field.name, None)
-            if value is not None:
-                values[field.name] = value
-        return cls(**values)
+        return cls(**fields_from_config(cls, config))
+
+
+def fields_from_config(cls: type, config: Any) -> dict[str, Any]:
+    """{field: value} of the dataclass `cls`'s fields that `config` (a ConfigDict, mapping or object) sets (not
+    None), lists as tuples (the dataclasses are frozen and hashable)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = config.get(field.name) if isinstance(config, Mapping) else getattr(config, field.name, None)
+        if value is not None:
+            values[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return values
 
 
 def optional_value_type(name: str) -> type:
