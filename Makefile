@@ -17,8 +17,13 @@ $(TEST_STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install --quiet -e '.[test,parity]'
 	touch $(TEST_STAMP)
 
+# The suite's budget is 15 minutes of pytest on 2 cores. Its tests are mostly single-threaded XLA compiles, so one
+# pytest worker per core nearly halves it; whole files go to one worker, so module fixtures are built once. Each
+# worker holds JAX, TensorFlow and torch (~4 GB).
+TEST_WORKERS ?= 2
+
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Generates the synthetic shapes, trains Mask R-CNN on the CPU, evaluates, writes overlay PNGs of validation
 # predictions (workdir/shapes_demo/overlays) and prints box and mask AP.
