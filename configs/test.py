@@ -19,6 +19,8 @@ def get_config():
     m.roi_heads.batch_size_per_image = 16
     m.roi_heads.fc_dim = 32
     m.roi_heads.mask_head = "mlp"  # the cheapest head to compile
+    # Two RoI buckets keep the mask head inside the training switch, as by default, at half the branches to compile.
+    m.roi_heads.mask_roi_buckets = 2
     m.detection.detections_per_image = 8
     m.detection.pre_nms_topk = 100
 

@@ -24,6 +24,8 @@ def tiny_config():
     c.roi_heads.batch_size_per_image = 64
     c.roi_heads.fc_dim = 256
     c.roi_heads.mask_conv_dim = 64
+    # Two RoI buckets keep the mask head inside the training switch, as by default, at half the branches to compile.
+    c.roi_heads.mask_roi_buckets = 2
     c.detection.detections_per_image = 20
     c.detection.pre_nms_topk = 500
     return c
