@@ -11,9 +11,13 @@ per image with 28x28 mask probabilities. Each stage is timed in this one run, th
   COCOeval      plain pycocotools (loadRes of a deepcopy, bbox + segm, evaluate + accumulate) beside
                 evaluation.coco.coco_metrics (shallow copies; segm scored on mask areas)
 
-and extrapolates each to COCO val's 5,000 images.
+and extrapolates each to COCO val's 5,000 images. Beside them it times the evaluator's pooled host side: map, paste
+and RLE of batches of 8 images over --host_workers worker processes (evaluation.host_pool; default as
+eval.host_workers: min(cores, 8); their start included), the result dicts rebuilt from the compact arrays they
+return (evaluation.result_arrays), and the same COCOeval; and reports the whole against plain pycocotools COCOeval
+alone. In an evaluation the pool works while the devices predict the next batch; here nothing is predicted.
 
-    .venv/bin/python benchmarks/coco_scale.py --part=eval [--images=500] [--write]
+    .venv/bin/python benchmarks/coco_scale.py --part=eval [--images=500] [--host_workers=N] [--write]
 """
 
 import argparse
@@ -29,7 +33,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskrcnn_jax import config as config_lib
 from maskrcnn_jax.data.coco_format import CategoryMap
-from maskrcnn_jax.evaluation import coco
+from maskrcnn_jax.evaluation import coco, host_pool, result_arrays
 from maskrcnn_jax.serving import host
 from maskrcnn_jax.serving.predictor import spec_from_config
 
@@ -38,6 +42,7 @@ CANVAS_SCALE = 800 / 480  # the shorter side resized to 800, as COCO's test resi
 NUM_CATEGORIES = 80
 DETECTIONS_PER_IMAGE = 100
 COCO_VAL_IMAGES = 5000
+EVAL_BATCH = 8  # images per submission to the host pool, as eval.batch_size's default
 
 
 def _polygon(rng, cx, cy, rx, ry):
@@ -141,7 +146,22 @@ def plain_cocoeval(gt, results):
             evaluator.accumulate()
 
 
-def measure_eval(num_images, seed):
+def pooled_results(outputs, image_ids, prepared, spec, workers):
+    """The evaluator's host side: batches handed to the host pool, then result dicts of its compact arrays."""
+    batches = [(image_ids[i:i + EVAL_BATCH], {k: np.stack([o[k] for o in outputs[i:i + EVAL_BATCH]])
+                                              for k in outputs[0]}) for i in range(0, len(outputs), EVAL_BATCH)]
+    start = time.perf_counter()
+    with host_pool.HostPool(workers, spec) as pool:
+        for ids, batch in batches:
+            pool.submit(batch, ids, [prepared.image_size] * len(ids), [prepared.original_size] * len(ids))
+        arrays = pool.results(with_masks=True, num_keypoints=None)
+    pooled = time.perf_counter() - start
+    start = time.perf_counter()
+    results = result_arrays.to_results(arrays)
+    return results, {"map + paste + RLE": pooled, "result dicts": time.perf_counter() - start}
+
+
+def measure_eval(num_images, seed, host_workers=None):
     rng = np.random.default_rng(seed)
     gt = coco_like_ground_truth(rng, num_images)
     categories = CategoryMap(tuple(range(1, NUM_CATEGORIES + 1)),
@@ -169,16 +189,21 @@ def measure_eval(num_images, seed):
     start = time.perf_counter()
     metrics, _ = coco.coco_metrics(gt, results, iou_types=("bbox", "segm"))
     seconds["current"]["COCOeval"] = time.perf_counter() - start
-    return gt, seconds, metrics
+    workers = host_pool.resolve_workers(host_workers)
+    pooled, seconds["pooled"] = pooled_results(outputs, gt.getImgIds(), prepared, spec, workers)
+    assert pooled == results, "the pool's results differ from the in-process ones"
+    seconds["pooled"]["COCOeval"] = seconds["current"]["COCOeval"]
+    return gt, seconds, metrics, workers
 
 
-def report_eval(args, gt, seconds, metrics, commit, machine):
+def report_eval(args, gt, seconds, metrics, workers, commit, machine):
     per_image = len(gt.dataset["annotations"]) / len(gt.dataset["images"])
+    workers_flag = "" if args.host_workers is None else f" --host_workers={args.host_workers}"
     lines = [
         "## COCO-scale evaluation, host side (`benchmarks/coco_scale.py --part=eval`)",
         "",
-        f"Command: `.venv/bin/python benchmarks/coco_scale.py --part=eval --images={args.images} --write` (rewrites "
-        f"this section), at commit {commit}.",
+        f"Command: `.venv/bin/python benchmarks/coco_scale.py --part=eval --images={args.images}{workers_flag} "
+        f"--write` (rewrites this section), at commit {commit}.",
         f"Machine: {machine}.",
         f"{args.images} COCO-like 640x480 validation images ({per_image:.2f} instances per image), "
         f"{DETECTIONS_PER_IMAGE} detections each; one process, one run, each stage timed once. \"Previous\" is "
@@ -198,6 +223,12 @@ def report_eval(args, gt, seconds, metrics, commit, machine):
     lines += ["", f"The whole current host side is {after / plain:.2f}x plain pycocotools COCOeval alone on the "
               f"same results. segm AP {metrics['segm_AP']:.3f}, bbox AP {metrics['bbox_AP']:.3f} (random "
               "detections; only the costs matter)."]
+    pooled = seconds["pooled"]
+    total = sum(pooled.values())
+    lines += ["", f"Pooled host side, {workers} worker processes (`--host_workers={workers}`): map + paste + RLE "
+              f"{pooled['map + paste + RLE']:.2f} s (the workers' start included), result dicts "
+              f"{pooled['result dicts']:.2f} s, COCOeval {pooled['COCOeval']:.2f} s: {total:.2f} s in all, "
+              f"{total / plain:.2f}x plain pycocotools COCOeval alone ({total * scale:.0f} s for 5,000 images)."]
     return "\n".join(lines)
 
 
@@ -206,13 +237,15 @@ def main():
     parser.add_argument("--part", choices=("eval",), required=True)
     parser.add_argument("--images", type=int, default=500, help="COCO-like validation images to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host_workers", type=int, default=None,
+                        help="worker processes of the pooled host side (default: as eval.host_workers)")
     parser.add_argument("--write", action="store_true", help="replace the section in benchmarks/RESULTS.md")
     args = parser.parse_args()
     from timing import head_commit, machine_line, write_section
 
     commit = head_commit()
-    gt, seconds, metrics = measure_eval(args.images, args.seed)
-    section = report_eval(args, gt, seconds, metrics, commit, machine_line())
+    gt, seconds, metrics, workers = measure_eval(args.images, args.seed, args.host_workers)
+    section = report_eval(args, gt, seconds, metrics, workers, commit, machine_line())
     print(section)
     if args.write:
         write_section("coco_scale_eval", section)

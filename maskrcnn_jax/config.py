@@ -108,6 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
     evaluation.kpt_oks_sigmas = ()
     evaluation.num_overlays = 0  # PNGs of predictions on the first validation images, in WORKDIR/overlays
     evaluation.overlay_score_threshold = 0.5
+    # Worker processes that map, paste and RLE-encode each image's detections while the devices predict the next
+    # batch (evaluation/host_pool.py); 0: in the evaluating process. None: min(cores available, 8). A worker
+    # does ~45 COCO images/s (~22 ms each, benchmarks/coco_scale.py), so 8 (~360/s) outpace what a host's 8
+    # accelerators predict at COCO's scale, and the other cores stay with tf.data and the main thread. It is per
+    # process: with one process per accelerator on a host, give each its share of the cores.
+    evaluation.host_workers = config_dict.placeholder(int)
     # JAX's persistent compilation cache (engine/compilation_cache.py): None = the user's cache directory,
     # "" = off, else the folder. A second run on the same shapes loads its executables instead of compiling.
     config.compilation_cache_dir = config_dict.placeholder(str)
@@ -133,6 +139,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("train.checkpoint_every and train.log_every must be positive")
     if config.eval.max_dets < 10:
         raise ValueError(f"eval.max_dets must be at least 10, got {config.eval.max_dets}")
+    if config.eval.host_workers is not None and config.eval.host_workers < 0:
+        raise ValueError(f"eval.host_workers must be None (automatic) or at least 0, got {config.eval.host_workers}")
     canvas = tuple(config.data.canvas_size)
     stride = max(config.model.anchors.strides)
     if any(side % stride for side in canvas):

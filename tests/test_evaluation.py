@@ -365,3 +365,171 @@ def test_the_headline_names_the_ap_of_every_iou_type_the_model_was_scored_on():
     assert evaluation.headline(box_and_keypoints) == "box AP 0.6225, keypoint AP 0.5908"
     all_three = dict(box_and_keypoints, segm_AP=0.544)
     assert evaluation.headline(all_three) == "box AP 0.6225, mask AP 0.5440, keypoint AP 0.5908"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluator's host side: worker processes, compact results.
+
+
+def fake_batches(coco, rng, batch_size=4, slots=12):
+    """Eval batches of `coco`'s images (the last one padded) and predict's outputs for each: random boxes on a
+    canvas of 0.6 times each image, random mask probabilities, some invalid slots."""
+    images = [coco.imgs[i] for i in coco.getImgIds()]
+    batches, outputs = [], {}
+    for start in range(0, len(images), batch_size):
+        rows = images[start:start + batch_size]
+        padding = batch_size - len(rows)
+        original = np.asarray([(r["height"], r["width"]) for r in rows] + [(1, 1)] * padding, np.int32)
+        image_size = np.round(original * 0.6).astype(np.int32)
+        batch = {"image": np.zeros((batch_size, 1, 1, 3), np.float32), "image_size": image_size,
+                 "original_size": original, "image_id": np.asarray([r["id"] for r in rows] + [-1] * padding),
+                 "example_valid": np.asarray([True] * len(rows) + [False] * padding)}
+        corners = rng.uniform(0, 1, (batch_size, slots, 2, 2)) * image_size[:, None, None, ::-1]
+        outputs[start] = {
+            "boxes": np.concatenate([corners.min(2), corners.max(2)], -1).astype(np.float32),
+            "scores": rng.uniform(size=(batch_size, slots)).astype(np.float32),
+            "classes": rng.integers(1, 4, (batch_size, slots)).astype(np.int32),
+            "masks": rng.uniform(size=(batch_size, slots, 28, 28)).astype(np.float32),
+            "valid": rng.uniform(size=(batch_size, slots)) < 0.8}
+        for row, image in enumerate(rows):  # some detections on the ground truth, so that AP is not 0
+            for slot, annotation in enumerate(coco.imgToAnns[image["id"]][:slots // 2]):
+                x, y, w, h = annotation["bbox"]
+                outputs[start]["boxes"][row, slot] = np.asarray([x, y, x + w, y + h]) * 0.6
+                outputs[start]["classes"][row, slot] = CATEGORY_IDS.index(annotation["category_id"]) + 1
+                outputs[start]["masks"][row, slot] = 1.0
+                outputs[start]["valid"][row, slot] = True
+        batch["first"] = np.full(batch_size, start)
+        batches.append(batch)
+    return batches, outputs
+
+
+def fake_evaluator(coco, tmp_path, name, batches, host_workers):
+    import json
+
+    from maskrcnn_jax.evaluation.evaluator import CocoEvaluator
+
+    class Evaluator(CocoEvaluator):
+        def local_batches(self):
+            return iter(batches)
+
+    gt_path = tmp_path / "gt.json"
+    if not gt_path.exists():
+        gt_path.write_text(json.dumps(coco.dataset))
+    config = config_lib.base_config()
+    config.eval.host_workers = host_workers
+    config.eval.batch_size = len(batches[0]["image_id"])
+    return Evaluator(config, None, {"val_json": str(gt_path)}, CATEGORIES, str(tmp_path / name))
+
+
+def test_host_workers_give_the_in_process_results_and_end_with_the_evaluation(rng, tmp_path):
+    """eval.host_workers=2 and 0 write the same results JSON and metrics; the results are coco_result's for each
+    image's detections (serving.host.image_results, RLE read off the crops), in image order; padding rows give
+    nothing; and no worker process outlives evaluate()."""
+    import json
+
+    import psutil
+
+    coco = make_ground_truth(rng, num_images=7)
+    batches, outputs = fake_batches(coco, rng)
+    by_first = {int(b["first"][0]): outputs[int(b["first"][0])] for b in batches}
+
+    def predict(inputs):
+        (first,) = [k for k, b in zip(by_first, batches) if b["image"] is inputs["image"]]
+        return by_first[first]
+
+    spec = spec_from_config(config_lib.base_config(), CATEGORIES, batch_size=1)
+    expected = []
+    for batch in batches:
+        for row in np.flatnonzero(batch["example_valid"]):
+            prepared = host.PreparedImage(None, tuple(batch["image_size"][row]), tuple(batch["original_size"][row]))
+            detections = host.image_results({k: v[row] for k, v in outputs[int(batch["first"][0])].items()},
+                                            prepared, spec, score_threshold=-np.inf, mask_crops=True)
+            rles = evaluation.encode_mask_crops(detections["mask_crops"], *prepared.original_size)
+            expected += [evaluation.coco_result(batch["image_id"][row], c, b, s, r) for b, s, c, r in
+                         zip(detections["boxes"], detections["scores"], detections["labels"], rles)]
+    assert len(expected) > 20
+    written, metrics = {}, {}
+    for workers in (2, 0):
+        evaluator = fake_evaluator(coco, tmp_path, f"workers_{workers}", batches, workers)
+        metrics[workers] = evaluator.evaluate(predict, step=3)
+        path = tmp_path / f"workers_{workers}" / "eval" / "step_00000003_results.json"
+        written[workers] = path.read_text()
+        assert not [p for p in psutil.Process().children(recursive=True) if "host_worker" in " ".join(p.cmdline())]
+    assert written[2] == written[0]
+    assert json.loads(written[0]) == expected
+    assert metrics[2] == metrics[0] and metrics[0]["segm_AP"] > 0
+
+
+def test_a_host_worker_error_is_raised_in_the_evaluating_process(tmp_path):
+    """A worker's exception comes back as an error naming it, a worker that dies is an error too (no hang), and
+    either way the pool's processes end; eval.host_workers must be None or at least 0."""
+    from maskrcnn_jax.evaluation import host_pool
+
+    spec = spec_from_config(config_lib.base_config(), CATEGORIES, batch_size=1)
+    broken = {"boxes": np.zeros((1, 2, 4), np.float32), "scores": np.zeros((1, 2), np.float32),
+              "classes": np.ones((1, 2), np.int32)}  # no "valid"
+    with pytest.raises(host_pool.WorkerError, match="KeyError: 'valid'"):
+        with host_pool.HostPool(2, spec) as pool:
+            processes = pool.processes
+            pool.submit(broken, [1], [(10, 10)], [(20, 20)])
+            pool.results(False, None)
+    assert len(processes) == 2 and all(p.poll() is not None for p in processes) and not pool.processes
+    with pytest.raises(host_pool.WorkerError, match="stopped answering"):
+        with host_pool.HostPool(1, spec) as pool:
+            processes = pool.processes
+            processes[0].kill()
+            pool.submit(dict(broken, valid=np.ones((1, 2), bool)), [1], [(10, 10)], [(20, 20)])
+            pool.results(False, None)
+    assert all(p.poll() is not None for p in processes)
+    config = config_lib.base_config()
+    config.eval.host_workers = -1
+    with pytest.raises(ValueError, match="host_workers"):
+        config_lib.validate(config)
+    assert host_pool.resolve_workers(None) == min(host_pool.available_cores(), host_pool.MAX_AUTO_WORKERS)
+
+
+HOST_POOL_SCRIPT = '''
+import os
+import sys
+
+with open(os.environ["MARKER"], "a") as f:  # a worker that imported this script again would add a line
+    f.write("imported as " + __name__ + "\\n")
+
+import numpy as np
+
+from maskrcnn_jax.evaluation import host_pool, result_arrays
+from maskrcnn_jax.serving import host
+
+if __name__ == "__main__":
+    with open(os.environ["SPEC"]) as f:
+        spec = host.InferenceSpec.from_json(f.read())
+    with host_pool.HostPool(2, spec) as pool:
+        for image_id in (1, 2, 3):
+            pool.submit({"boxes": np.asarray([[[1, 1, 6, 6]]], np.float32), "scores": np.ones((1, 1), np.float32),
+                         "classes": np.ones((1, 1), np.int32), "valid": np.ones((1, 1), bool),
+                         "masks": np.ones((1, 1, 28, 28), np.float32)}, [image_id], [(8, 8)], [(16, 16)])
+        results = result_arrays.to_results(pool.results(True, None))
+    print("images", [r["image_id"] for r in results])
+    print("heavy", sorted(m for m in ("jax", "tensorflow", "flax") if m in sys.modules))
+'''
+
+
+def test_host_workers_do_not_import_the_main_module_again(tmp_path):
+    """A script that evaluates through the pool runs its top level once: the workers do not re-import the main
+    module (as multiprocessing's spawn and forkserver both do). The pool and its workers' module import no JAX or
+    TensorFlow."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "evaluate_with_pool.py"
+    script.write_text(HOST_POOL_SCRIPT)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(spec_from_config(config_lib.base_config(), CATEGORIES, batch_size=1).to_json())
+    marker = tmp_path / "marker.txt"
+    env = dict(os.environ, MARKER=str(marker), SPEC=str(spec_path))
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images [1, 2, 3]" in done.stdout and "heavy []" in done.stdout
+    assert marker.read_text() == "imported as __main__\n"

@@ -61,6 +61,10 @@ def test_two_processes_match_one(tmp_path):
         assert "step 2/2" in output
         assert "oneDNN" not in output and "absl::InitializeLog" not in output, output[-3000:]
     assert "oneDNN" in (workdir / "logs" / "log.txt").read_text()
+    # Process 0 scored both processes' images, gathered as shard files in eval/ that it deleted once read.
+    assert "evaluation at step 2 on 2 images" in outputs[0], outputs[0][-3000:]
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["step_00000002_per_class.txt",
+                                                                    "step_00000002_results.json"]
 
     # The same two global batches on one process and one device.
     model = build_model(config.model)

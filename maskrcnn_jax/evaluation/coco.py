@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn_jax.data.coco_format import CategoryMap
+from maskrcnn_jax.evaluation import result_arrays
 from maskrcnn_jax.serving import host
 
 IOU_TYPES = ("bbox", "segm")
@@ -265,14 +266,19 @@ def _crop_run_lengths(crop: host.MaskCrop, height: int, width: int) -> list[int]
     return np.diff(boundaries, prepend=0).tolist()
 
 
-def encode_mask_crops(crops: Sequence[host.MaskCrop], height: int, width: int) -> list[dict[str, Any]]:
-    """MaskCrops of a height x width image -> COCO RLEs with str counts, bit for bit encode_masks of their full
-    masks, without writing or scanning the pixels outside each crop."""
+def mask_crop_counts(crops: Sequence[host.MaskCrop], height: int, width: int) -> list[bytes]:
+    """MaskCrops of a height x width image -> their compressed COCO RLE counts (encode_mask_crops' bytes)."""
     if len(crops) == 0:
         return []
     runs = [{"counts": _crop_run_lengths(crop, height, width), "size": [height, width]} for crop in crops]
-    return [{"size": [height, width], "counts": rle["counts"].decode("ascii")}
-            for rle in mask_utils.frPyObjects(runs, height, width)]
+    return [rle["counts"] for rle in mask_utils.frPyObjects(runs, height, width)]
+
+
+def encode_mask_crops(crops: Sequence[host.MaskCrop], height: int, width: int) -> list[dict[str, Any]]:
+    """MaskCrops of a height x width image -> COCO RLEs with str counts, bit for bit encode_masks of their full
+    masks, without writing or scanning the pixels outside each crop."""
+    return [{"size": [height, width], "counts": counts.decode("ascii")}
+            for counts in mask_crop_counts(crops, height, width)]
 
 
 def coco_result(image_id: int, category_id: int, box, score: float, rle: dict | None = None,
@@ -289,20 +295,25 @@ def coco_result(image_id: int, category_id: int, box, score: float, rle: dict | 
     return result
 
 
-def detections_to_results(predictions: Mapping[str, np.ndarray], image_id: int, image_size, original_size,
-                          spec: host.InferenceSpec) -> tuple[list[dict], dict]:
-    """One image's fixed-size predictions (MaskRCNN.predict's outputs for it) -> (COCO result dicts, the
-    detections in original pixels: {'boxes', 'scores', 'labels' (category ids), 'names', 'mask_crops',
-    'keypoints'}). Exactly the Predictor's results (serving.host.image_results with `spec`), with no score
-    threshold; the masks stay crops (host.full_masks makes images of them), and their RLEs are read off the crops."""
+def image_result_arrays(predictions: Mapping[str, np.ndarray], image_id: int, image_size, original_size,
+                        spec: host.InferenceSpec) -> tuple[dict[str, np.ndarray], dict]:
+    """One image's fixed-size predictions (MaskRCNN.predict's outputs for it) -> (its COCO results as
+    result_arrays, the detections in original pixels: {'boxes', 'scores', 'labels' (category ids), 'names',
+    'mask_crops', 'keypoints'}). Exactly the Predictor's results (serving.host.image_results with `spec`), with no
+    score threshold; the masks stay crops (host.full_masks makes images of them), and their RLEs are read off the
+    crops."""
     prepared = host.PreparedImage(None, tuple(int(v) for v in image_size), tuple(int(v) for v in original_size))
     detections = host.image_results(predictions, prepared, spec, score_threshold=-np.inf, mask_crops=True)
-    count = len(detections["scores"])
-    rles = [None] * count
+    counts = None
     if "mask_crops" in detections:
-        rles = encode_mask_crops(detections["mask_crops"], *prepared.original_size)
-    keypoints = detections.get("keypoints", [None] * count)
-    results = [coco_result(image_id, category_id, box, score, rle, points)
-               for box, score, category_id, rle, points in zip(detections["boxes"], detections["scores"],
-                                                                detections["labels"], rles, keypoints)]
-    return results, detections
+        counts = mask_crop_counts(detections["mask_crops"], *prepared.original_size)
+    arrays = result_arrays.image_arrays(image_id, detections["labels"], detections["scores"], detections["boxes"],
+                                        counts, prepared.original_size, detections.get("keypoints"))
+    return arrays, detections
+
+
+def detections_to_results(predictions: Mapping[str, np.ndarray], image_id: int, image_size, original_size,
+                          spec: host.InferenceSpec) -> tuple[list[dict], dict]:
+    """image_result_arrays with the results as COCO result dicts (coco_result's)."""
+    arrays, detections = image_result_arrays(predictions, image_id, image_size, original_size, spec)
+    return result_arrays.to_results(arrays), detections

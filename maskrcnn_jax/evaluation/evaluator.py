@@ -2,11 +2,17 @@
 evaluators): it knows nothing of training.
 
 Each process predicts, pastes and RLE-encodes only its own shard of the split; process 0 gathers the results, runs
-COCOeval once and writes the files, and every process returns the same metrics. The batches are on the config's
-canvas: the fixed data.canvas_size, or with data.eval_canvas "padded" each image's own padded canvas, grouped by
-canvas so that every batch has one shape and every process runs the same shapes in the same order (data.pipeline's
-eval_plan); the predict function then compiles once per canvas. Each image is resized, padded, mapped back and
-pasted exactly as the Predictor does it (serving.host), so the metrics are those of the Predictor's results. Into the workdir go
+COCOeval once and writes the files, and every process returns the same metrics. Within a process the per-image host
+work (map boxes back, paste masks as crops, RLE) runs in eval.host_workers worker processes (host_pool.HostPool)
+while the devices predict the next batch, and comes back as compact arrays (result_arrays); the other processes'
+reach process 0 as files in the workdir (engine.parallel.gather_to_process_zero:
+eval/step_XXXXXXXX_shard-0000i-of-0000n.npz, deleted once read), where they become the result dicts.
+
+The batches are on the config's canvas: the fixed data.canvas_size, or with data.eval_canvas "padded" each image's
+own padded canvas, grouped by canvas so that every batch has one shape and every process runs the same shapes in the
+same order (data.pipeline's eval_plan); the predict function then compiles once per canvas. Each image is resized,
+padded, mapped back and pasted exactly as the Predictor does it (serving.host), so the metrics are those of the
+Predictor's results. Into the workdir go
     eval/step_XXXXXXXX_results.json     the COCO results JSON (bbox and segmentation per detection)
     eval/step_XXXXXXXX_per_class.txt    a per-class AP table (AP@[.5:.95], all areas, maxDets = eval.max_dets)
     eval_metrics.jsonl                  one appended line: {"step", "bbox_AP", ..., "segm_ARl", "keypoints_AP", ...}
@@ -31,7 +37,7 @@ from maskrcnn_jax.data.coco_format import CategoryMap
 from maskrcnn_jax.data.keypoints import KeypointSchema
 from maskrcnn_jax.data.transforms import InputOptions
 from maskrcnn_jax.engine import parallel, workdir as workdir_lib
-from maskrcnn_jax.evaluation import coco
+from maskrcnn_jax.evaluation import coco, host_pool, result_arrays
 from maskrcnn_jax.serving import host, visualize
 from maskrcnn_jax.serving.predictor import spec_from_config
 
@@ -82,42 +88,69 @@ class CocoEvaluator:
             self._coco_gt = coco.quiet(COCO, path)
         return self._coco_gt
 
+    def local_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """This process' rows of each evaluation batch (data.pipeline.eval_batches)."""
+        return pipeline.eval_batches(self.builder, self.options,
+                                     batch_size=self.config.eval.batch_size // jax.process_count(),
+                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                     split=self.config.data.eval_split)
+
+    def predicted_batches(self, predict_fn: PredictFn
+                          ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """(predictions, metadata {'image_id', 'image_size', 'original_size'}) of each batch's real examples, as
+        arrays [n, ...]. The next batch is predicted only when the caller asks for it."""
+        for local in self.local_batches():
+            outputs = predict_fn({k: local[k] for k in PREDICT_INPUTS})
+            rows = np.flatnonzero(local["example_valid"])
+            yield ({k: np.asarray(v)[rows] for k, v in outputs.items()},
+                   {k: np.asarray(local[k])[rows] for k in ("image_id", "image_size", "original_size")})
+
     def local_predictions(self, predict_fn: PredictFn) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
         """(predictions, metadata) of each real example of this process' shard of the split."""
-        local_batch_size = self.config.eval.batch_size // jax.process_count()
-        batches = pipeline.eval_batches(self.builder, self.options, batch_size=local_batch_size,
-                                        shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                        split=self.config.data.eval_split)
-        for local in batches:
-            outputs = predict_fn({k: local[k] for k in PREDICT_INPUTS})
-            for i in np.flatnonzero(local["example_valid"]):
-                yield ({k: np.asarray(v[i]) for k, v in outputs.items()},
-                       {"image_id": int(local["image_id"][i]), "image_size": local["image_size"][i],
-                        "original_size": local["original_size"][i]})
+        for outputs, meta in self.predicted_batches(predict_fn):
+            for i, image_id in enumerate(meta["image_id"]):
+                yield ({k: v[i] for k, v in outputs.items()},
+                       {"image_id": int(image_id), "image_size": meta["image_size"][i],
+                        "original_size": meta["original_size"][i]})
+
+    def local_result_arrays(self, predict_fn: PredictFn, overlays: list | None = None) -> dict[str, np.ndarray]:
+        """This process' results as result_arrays, the host work of each batch done by the host pool while the
+        next batch is predicted; with `overlays`, the detections (full masks) of its first eval.num_overlays
+        images are appended to it."""
+        c = self.config.eval
+        with host_pool.HostPool(host_pool.resolve_workers(c.get("host_workers")), self.spec) as pool:
+            for outputs, meta in self.predicted_batches(predict_fn):
+                pool.submit(outputs, meta["image_id"], meta["image_size"], meta["original_size"])
+                for i in range(len(meta["image_id"])):
+                    if overlays is None or len(overlays) >= c.num_overlays:
+                        break
+                    prepared = host.PreparedImage(None, tuple(int(v) for v in meta["image_size"][i]),
+                                                  tuple(int(v) for v in meta["original_size"][i]))
+                    detections = host.image_results({k: v[i] for k, v in outputs.items()}, prepared, self.spec,
+                                                    score_threshold=-np.inf)
+                    overlays.append((int(meta["image_id"][i]), detections))
+            return pool.results("segm" in self.iou_types,
+                                self.keypoint_schema.num_keypoints if "keypoints" in self.iou_types else None)
 
     def evaluate(self, predict_fn: PredictFn, step: int) -> dict[str, float]:
         """Predicts, scores, writes the files (process 0) and returns {metric key: value} on every process: the
         COCO stats of boxes, and of masks and keypoints as the model predicts them (coco.metric_keys)."""
         c = self.config.eval
-        results, image_ids, overlays = [], [], []
-        for prediction, meta in self.local_predictions(predict_fn):
-            image_results, detections = coco.detections_to_results(
-                prediction, meta["image_id"], meta["image_size"], meta["original_size"], self.spec)
-            results.extend(image_results)
-            image_ids.append(meta["image_id"])
-            if len(overlays) < c.num_overlays:
-                if "mask_crops" in detections:
-                    detections["masks"] = host.full_masks(detections.pop("mask_crops"), *meta["original_size"])
-                overlays.append((meta["image_id"], detections))
-        gathered = parallel.gather_to_all({"results": results, "image_ids": image_ids})
+        overlays = [] if jax.process_index() == 0 and c.num_overlays > 0 else None
+        local = self.local_result_arrays(predict_fn, overlays)
+        count = jax.process_count()
+        shard_paths = [workdir_lib.eval_file(self.workdir, step, f"shard-{i:05d}-of-{count:05d}.npz")
+                       for i in range(count)] if count > 1 else []
+        gathered = parallel.gather_to_process_zero(local, shard_paths, f"evaluation results at step {step}")
         metrics = np.zeros(len(self.metric_keys), np.float64)
         if jax.process_index() == 0:
-            results = [r for part in gathered for r in part["results"]]
-            image_ids = [i for part in gathered for i in part["image_ids"]]
+            merged = result_arrays.concatenate(gathered)
+            results = result_arrays.to_results(merged)
+            image_ids = merged["scored_image_ids"].tolist()
             values, per_class = coco.coco_metrics(self.coco_gt(), results, image_ids, c.max_dets, self.iou_types,
                                                   self.sigmas)
             metrics = np.asarray([values[k] for k in self.metric_keys], np.float64)
-            self._write(step, results, values, per_class, overlays)
+            self._write(step, results, values, per_class, overlays or [])
             logging.info("evaluation at step %d on %d images: %s", step, len(image_ids),
                          coco.headline({k: values[k] for k in self.metric_keys}))
         if jax.process_count() > 1:
